@@ -1,0 +1,189 @@
+"""The composition root: builds the parts and orders start-up and shutdown.
+
+Start: probes (alive, not ready) -> watches, wait for the first sync -> token
+listener -> ready.  Stop: the listener stops accepting, in-flight requests get
+``shutdown_grace`` seconds to finish, then everything closes.  nmi never
+removes the node's interception rules on the way down: while it is not
+listening, pods' metadata traffic is refused, never sent to the node's IMDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from aiohttp import web
+
+from .config import Settings
+from .identity.resolver import Resolver
+from .kube.client import KubeApi
+from .kube.cluster import ClusterWatch
+from .kube.index import ClusterIndex
+from .kube.informer import RawApi
+from .kube.secrets import SecretStore
+from .observability.probes import Probes
+from .server.handler import ImdsHandler
+from .server.proxy import MetadataProxy
+from .tokens.cache import TokenCache
+from .tokens.service import TokenService
+from .tokens.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One nmi process: ``await start()``, serve, ``await stop()``."""
+
+    def __init__(self, settings: Settings, *, api: RawApi | None = None) -> None:
+        self.settings = settings
+        self._api = api
+        self._own_api: KubeApi | None = None
+        self.index = ClusterIndex(node_name=settings.node_name)
+        self.probes = Probes()
+        self.watch: ClusterWatch | None = None
+        self.secrets: SecretStore | None = None
+        self.cache = TokenCache()
+        self.upstream = Upstream(settings=settings)
+        self.tokens: TokenService | None = None
+        self.proxy = MetadataProxy(
+            endpoint=settings.metadata_endpoint, timeout=settings.upstream_timeout
+        )
+        self.handler: ImdsHandler | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.port = 0
+        self.listening = False
+        self.started_at = 0.0
+        self.ready_at = 0.0
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.started_at = time.monotonic()
+        self.probes.add_check("watches", self._watches_check)
+        self.probes.add_check("listener", lambda: None if self.listening else "not listening")
+        await self.probes.start(s.probe_address, s.http_probe_port)
+
+        api = self._api
+        if api is None:
+            self._own_api = await KubeApi.connect(s.kubeconfig)
+            api = self._own_api
+        self.watch = ClusterWatch(api=api, index=self.index, mode=s.operation_mode)
+        self.watch.start()
+        self.secrets = SecretStore(api=api)
+        self.tokens = TokenService(
+            settings=s, secrets=self.secrets, upstream=self.upstream, cache=self.cache
+        )
+        resolver = Resolver(index=self.index, settings=s, object_id_of=self.tokens.object_id_of)
+        self.handler = ImdsHandler(
+            settings=s, resolver=resolver, tokens=self.tokens, proxy=self.proxy
+        )
+        await self.proxy.start()
+        log.info("waiting for the first sync of the cluster view")
+        await self.watch.wait_synced()
+        log.info(
+            "cluster view synced",
+            extra={
+                "fields": {
+                    "pods": len(list(self.index.pods())),
+                    "seconds": round(time.monotonic() - self.started_at, 3),
+                }
+            },
+        )
+        server = web.Server(self.handler, access_log=None, handler_cancellation=True)
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=s.shutdown_grace
+        )
+        await self._runner.setup()
+        self._site = web.TCPSite(
+            self._runner, s.listen_address, s.port, backlog=1024, reuse_address=True
+        )
+        await self._site.start()
+        self.port = _bound_port(self._runner, s.port)
+        self.listening = True
+        self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._background.append(
+            asyncio.create_task(self.secrets.run_janitor(), name="secret-janitor")
+        )
+        self.ready_at = time.monotonic()
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "address": f"{s.listen_address}:{self.port}",
+                    "mode": s.operation_mode.value,
+                }
+            },
+        )
+
+    def _watches_check(self) -> str | None:
+        if self.watch is None:
+            return "not started"
+        pending = list(self.watch.unsynced())
+        return f"waiting for first sync of {', '.join(pending)}" if pending else None
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            self.cache.sweep()
+
+    # -- stop ----------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self.listening = False
+        if self._site is not None:
+            await self._site.stop()  # stop accepting; in-flight requests continue
+        if self.handler is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.handler.idle.wait(), self.settings.shutdown_grace)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.watch is not None:
+            await self.watch.stop()
+        if self.secrets is not None:
+            await self.secrets.close()
+        await self.cache.close()
+        await self.proxy.close()
+        self.upstream.close()
+        await self.probes.stop()
+        if self._own_api is not None:
+            await self._own_api.close()
+
+    async def run_until_signalled(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting at once")
+                os._exit(1)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self.start()
+        await stop.wait()
+        log.info("stopping: no new connections, finishing in-flight requests")
+        await self.stop()
+        return 0
+
+
+def _bound_port(runner: web.BaseRunner, default: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return default

@@ -1,0 +1,266 @@
+"""The ``nmi`` command: aad-pod-identity's NMI flags, same names and defaults.
+
+``nmi [flags]`` runs the daemon; ``nmi sandbox`` runs the local world.  Flags
+are parsed the way pflag parses them (``--flag``, ``--flag=false``,
+``--flag value``, klog's ``-v=N``), and every value is validated before
+anything starts: a wrong value is a one-line error and exit code 2.
+
+Accepted for drop-in compatibility but without effect (each logs why):
+``--MICNamespace`` (nmi has no name-prefix bypass: exempt MIC with an
+AzurePodIdentityException), ``--enableScaleFeatures`` (watches are always
+node-scoped), ``--enableProfile`` (no profiling endpoint is ever exposed),
+``--logtostderr``/``--alsologtostderr`` (logs always go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, LogFormat, OperationMode, Settings
+from .observability import logs
+
+log = logging.getLogger("nmi")
+
+_TRUE = {"1", "t", "true", "yes", "y", "on"}
+_FALSE = {"0", "f", "false", "no", "n", "off"}
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range")
+    return port
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} must not be negative")
+    return number
+
+
+def _seconds(value: str) -> float:
+    text = value.strip().lower()
+    scale = 1.0
+    if text.endswith("ms"):
+        text, scale = text[:-2], 0.001
+    elif text.endswith("s"):
+        text = text[:-1]
+    try:
+        number = float(text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return number
+
+
+def _hosts(value: str) -> frozenset[str]:
+    hosts = frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+    for host in hosts:
+        if "/" in host or " " in host:
+            raise argparse.ArgumentTypeError(f"{host!r} is not host[:port]")
+    return hosts
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+    parser.add_argument(
+        name,
+        nargs="?",
+        const=True,
+        default=default,
+        type=parse_bool,
+        metavar="BOOL",
+        help=help_text,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nmi",
+        description="Node Managed Identity: serves each pod the token of its own Azure identity.",
+        epilog="Subcommands: 'nmi sandbox' runs the local emulated world with a simulated pod.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument(
+        "--node", default=os.environ.get("NODE_NAME", ""), help="node name (env NODE_NAME)"
+    )
+    p.add_argument("--nmi-listen-address", default="127.0.0.1", help="address of the token server")
+    p.add_argument("--nmi-port", type=_port, default=2579, help="port of the token server")
+    p.add_argument("--metadata-ip", default="169.254.169.254", help="instance metadata IP")
+    p.add_argument("--metadata-port", type=_port, default=80, help="instance metadata port")
+    p.add_argument(
+        "--operation-mode",
+        default="standard",
+        type=str.lower,
+        choices=["standard", "managed"],
+        help="standard (AzureAssignedIdentity from MIC) or managed (bindings matched by nmi)",
+    )
+    _bool_flag(p, "--forceNamespaced", False, "only identities and bindings of the pod's namespace")
+    p.add_argument(
+        "--http-probe-port", type=_port, default=8085, help="port of /healthz and /readyz"
+    )
+    p.add_argument("--prometheus-port", type=_port, default=9090, help="port of /metrics")
+    _bool_flag(p, "--block-instance-metadata", False, "answer 403 for /metadata/instance")
+    _bool_flag(p, "--metadata-header-required", True, "require the header Metadata: true")
+    p.add_argument("--retry-attempts-for-created", type=_non_negative_int, default=16)
+    p.add_argument("--retry-attempts-for-assigned", type=_non_negative_int, default=4)
+    p.add_argument(
+        "--find-identity-retry-interval",
+        type=_seconds,
+        default=5.0,
+        help="seconds per attempt: waits are bounded by attempts x interval (woken on change)",
+    )
+    p.add_argument("--ipt-update-interval-sec", type=_non_negative_int, default=60)
+    _bool_flag(
+        p, "--set-retry-after-header", False, "503 + Retry-After instead of 404 while not ready"
+    )
+    _bool_flag(
+        p, "--enable-conntrack-deletion", False, "delete conntrack entries to the metadata IP"
+    )
+    _bool_flag(p, "--allow-network-plugin-kubenet", False, "run on bridge (kubenet) nodes")
+    p.add_argument("--kubelet-config", default="/etc/default/kubelet")
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig (else $KUBECONFIG, else in-cluster)"
+    )
+    p.add_argument("--log-format", default="text", type=str.lower, choices=["text", "json"])
+    p.add_argument(
+        "-v", "--v", dest="verbosity", type=_non_negative_int, default=0, help="log verbosity"
+    )
+    p.add_argument(
+        "--allowed-authority-hosts",
+        type=_hosts,
+        default=frozenset(),
+        help="extra Azure AD login hosts (host[:port], comma-separated) secrets may be sent to",
+    )
+    _bool_flag(
+        p,
+        "--allow-cross-namespace-secrets",
+        False,
+        "let an AzureIdentity use a Secret outside its own namespace",
+    )
+    p.add_argument("--probe-address", default="0.0.0.0", help="address of the probe server")
+    p.add_argument("--prometheus-address", default="0.0.0.0", help="address of the metrics server")
+    p.add_argument(
+        "--upstream-timeout", type=_seconds, default=30.0, help="timeout of upstream calls"
+    )
+    p.add_argument("--shutdown-grace", type=_seconds, default=10.0, help="time to finish requests")
+    # Accepted for compatibility, without effect.
+    p.add_argument("--MICNamespace", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--custom-user-agent", default="", help=argparse.SUPPRESS)
+    for name in ("--enableScaleFeatures", "--enableProfile", "--logtostderr", "--alsologtostderr"):
+        _bool_flag(p, name, False, argparse.SUPPRESS)
+    return p
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("-v=") or (arg.startswith("-v") and arg[2:].isdigit()):
+            out.append("--v=" + arg[2:].lstrip("="))
+        else:
+            out.append(arg)
+    return out
+
+
+def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    force = bool(args.forceNamespaced) or env.get("FORCENAMESPACED", "").strip().lower() == "true"
+    return Settings(
+        node_name=args.node,
+        listen_address=args.nmi_listen_address,
+        port=args.nmi_port,
+        metadata_ip=args.metadata_ip,
+        metadata_port=args.metadata_port,
+        operation_mode=OperationMode(args.operation_mode),
+        force_namespaced=force,
+        http_probe_port=args.http_probe_port,
+        prometheus_port=args.prometheus_port,
+        block_instance_metadata=args.block_instance_metadata,
+        metadata_header_required=args.metadata_header_required,
+        retry_attempts_for_created=args.retry_attempts_for_created,
+        retry_attempts_for_assigned=args.retry_attempts_for_assigned,
+        find_identity_retry_interval=args.find_identity_retry_interval,
+        ipt_update_interval_sec=args.ipt_update_interval_sec,
+        set_retry_after_header=args.set_retry_after_header,
+        enable_conntrack_deletion=args.enable_conntrack_deletion,
+        allow_network_plugin_kubenet=args.allow_network_plugin_kubenet,
+        kubelet_config=args.kubelet_config,
+        kubeconfig=args.kubeconfig,
+        log_format=LogFormat(args.log_format),
+        verbosity=args.verbosity,
+        allowed_authority_hosts=args.allowed_authority_hosts,
+        allow_cross_namespace_secrets=args.allow_cross_namespace_secrets,
+        probe_address=args.probe_address,
+        metrics_address=args.prometheus_address,
+        upstream_timeout=args.upstream_timeout,
+        shutdown_grace=args.shutdown_grace,
+        custom_user_agent=args.custom_user_agent,
+    )
+
+
+def _warn_compat(args: argparse.Namespace) -> None:
+    if args.MICNamespace is not None:
+        log.warning(
+            "--MICNamespace has no effect: nmi has no ReplicaSet-name bypass; "
+            "exempt MIC with an AzurePodIdentityException"
+        )
+    if args.enableProfile:
+        log.warning("--enableProfile has no effect: nmi exposes no profiling endpoint")
+
+
+def run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (it is a dependency on Linux)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "sandbox":
+        from .sandbox import main as sandbox_main
+
+        return sandbox_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(args_list))
+    if args.version:
+        print(f"nmi {__version__}")
+        return 0
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logs.setup(fmt=settings.log_format, verbosity=settings.verbosity)
+    _warn_compat(args)
+    from .app import Daemon
+
+    return run_loop(Daemon(settings).run_until_signalled())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""One frozen description of how this daemon runs.
+
+Everything the rest of the code needs to know about flags and environment is
+here, validated once at start, so that a bad value is a clear error before
+anything listens or touches the node, never a crash later.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+
+class OperationMode(enum.StrEnum):
+    """Where the pod -> identity assignments come from."""
+
+    STANDARD = "standard"  # AzureAssignedIdentity objects written by MIC
+    MANAGED = "managed"  # bindings matched by nmi itself, no controller
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# Login hosts of the Azure clouds that MSAL knows (public, US Gov, China, Germany legacy).
+KNOWN_AUTHORITY_HOSTS: frozenset[str] = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoftonline.us",
+        "login.chinacloudapi.cn",
+        "login.microsoftonline.de",
+        "login.windows.net",
+        "login.microsoft.com",
+        "sts.windows.net",
+        "login.partner.microsoftonline.cn",
+        "login.usgovcloudapi.net",
+    }
+)
+
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com/"
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that nmi cannot run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The validated configuration of one nmi process."""
+
+    node_name: str
+    listen_address: str = "127.0.0.1"
+    port: int = 2579
+    metadata_ip: str = "169.254.169.254"
+    metadata_port: int = 80
+    operation_mode: OperationMode = OperationMode.STANDARD
+    force_namespaced: bool = False
+    http_probe_port: int = 8085
+    prometheus_port: int = 9090
+    block_instance_metadata: bool = False
+    metadata_header_required: bool = True
+    retry_attempts_for_created: int = 16
+    retry_attempts_for_assigned: int = 4
+    find_identity_retry_interval: float = 5.0
+    ipt_update_interval_sec: int = 60
+    set_retry_after_header: bool = False
+    enable_conntrack_deletion: bool = False
+    allow_network_plugin_kubenet: bool = False
+    kubelet_config: str = "/etc/default/kubelet"
+    kubeconfig: str | None = None
+    log_format: LogFormat = LogFormat.TEXT
+    verbosity: int = 0
+    allowed_authority_hosts: frozenset[str] = field(default_factory=frozenset)
+    allow_cross_namespace_secrets: bool = False
+    probe_address: str = "0.0.0.0"
+    metrics_address: str = "0.0.0.0"
+    upstream_timeout: float = 30.0
+    pod_lookup_timeout: float = 2.0
+    shutdown_grace: float = 10.0
+    custom_user_agent: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.node_name:
+            raise ConfigError("--node (or NODE_NAME) is required: nmi serves the pods of one node")
+        for name in ("port", "metadata_port", "http_probe_port", "prometheus_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')}={value} is not a TCP port")
+        for name in ("listen_address", "metadata_ip", "probe_address", "metrics_address"):
+            value = getattr(self, name)
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{name.replace('_', '-')}={value!r} is not an IP address"
+                ) from None
+        if self.retry_attempts_for_created < 0 or self.retry_attempts_for_assigned < 0:
+            raise ConfigError("retry attempts must not be negative")
+        if self.find_identity_retry_interval < 0:
+            raise ConfigError("--find-identity-retry-interval must not be negative")
+        if self.ipt_update_interval_sec <= 0:
+            raise ConfigError("--ipt-update-interval-sec must be positive")
+        if self.upstream_timeout <= 0:
+            raise ConfigError("upstream timeout must be positive")
+
+    @property
+    def namespaced_everywhere(self) -> bool:
+        """Managed mode only ever matches bindings in the pod's own namespace."""
+        return self.force_namespaced or self.operation_mode is OperationMode.MANAGED
+
+    @property
+    def wait_for_created(self) -> float:
+        """How long a request may wait for MIC to create an assignment (seconds)."""
+        return self.retry_attempts_for_created * self.find_identity_retry_interval
+
+    @property
+    def wait_for_assigned(self) -> float:
+        """How long a request may wait in all, until its assignment is Assigned (seconds)."""
+        return (
+            self.retry_attempts_for_created + self.retry_attempts_for_assigned
+        ) * self.find_identity_retry_interval
+
+    @property
+    def metadata_endpoint(self) -> str:
+        host = self.metadata_ip
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.metadata_port}"
+
+    def authority_host_allowed(self, host: str) -> bool:
+        """Whether a service principal's secret may be sent to this login host."""
+        host = host.lower()
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        if host in self.allowed_authority_hosts:
+            return True
+        # Known clouds only on the default HTTPS port.
+        return bare in KNOWN_AUTHORITY_HOSTS and (bare == host or host.endswith(":443"))

@@ -1,0 +1,215 @@
+"""Which identity may this pod use for this request? Pure logic, no I/O.
+
+Given the node's cluster view, the calling pod and the identity the request
+names (if any), the answer is one of:
+
+* :class:`Grant` - this AzureIdentity, and no other;
+* :class:`UseNodeIdentity` - the pod matches an AzurePodIdentityException;
+* :class:`Wait` - MIC has not finished (an assignment is ``Created``, or a
+  binding matches and no assignment exists yet): the caller re-decides on the
+  next change of the view, within the bounds of the retry flags;
+* :class:`Deny` - the pod may not use what it asked for (or anything).
+
+Rules that aad-pod-identity got wrong are fixed here: several identities and
+no selector is the real IMDS "Multiple user assigned identities exist" error,
+never an arbitrary pick; ids are compared case-insensitively everywhere; an
+empty list after namespace filtering is a denial, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..config import OperationMode, Settings
+from ..kube.index import ClusterIndex
+from ..kube.objects import AssignedState, AzureAssignedIdentity, AzureIdentity, Pod
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySelector:
+    """The identity a request names: at most one of the three is set."""
+
+    client_id: str = ""
+    object_id: str = ""
+    resource_id: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.client_id or self.object_id or self.resource_id)
+
+    def describe(self) -> str:
+        if self.client_id:
+            return f"client_id {redact(self.client_id)}"
+        if self.object_id:
+            return f"object_id {redact(self.object_id)}"
+        if self.resource_id:
+            return f"resource id {self.resource_id.rsplit('/', 1)[-1]}"
+        return "no identity selector"
+
+
+def redact(value: str) -> str:
+    """Show only the first characters of an id, as aad-pod-identity did."""
+    if len(value) <= 8:
+        return "####"
+    return f"{value[:4]}##### REDACTED #####{value[-4:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    identity: AzureIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class UseNodeIdentity:
+    exception: str  # namespace/name of the matching AzurePodIdentityException
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """MIC is still working: ``created`` = no assignment yet, else ``assigned``."""
+
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """``not_found`` (nothing usable matches) or ``multiple`` (no selector, several)."""
+
+    kind: str
+    reason: str
+
+
+Decision = Grant | UseNodeIdentity | Wait | Deny
+
+ObjectIdOf = Callable[[AzureIdentity], str | None]
+
+
+def _no_object_ids(_: AzureIdentity) -> str | None:
+    return None
+
+
+def identity_matches(
+    identity: AzureIdentity, sel: IdentitySelector, object_id_of: ObjectIdOf
+) -> bool:
+    if sel.client_id:
+        return identity.client_id.lower() == sel.client_id.lower()
+    if sel.resource_id:
+        return bool(identity.resource_id) and (
+            identity.resource_id.rstrip("/").lower() == sel.resource_id.rstrip("/").lower()
+        )
+    if sel.object_id:
+        learned = object_id_of(identity)
+        return learned is not None and learned.lower() == sel.object_id.lower()
+    return True
+
+
+def namespace_allows(identity: AzureIdentity, pod: Pod, settings: Settings) -> bool:
+    """Namespaced mode (flag, env, managed mode or per-identity annotation)."""
+    if settings.namespaced_everywhere or identity.namespaced:
+        return identity.meta.namespace == pod.meta.namespace
+    return True
+
+
+def exception_for(index: ClusterIndex, pod: Pod) -> str | None:
+    for exc in index.exceptions_in(pod.meta.namespace):
+        if exc.matches(pod):
+            return exc.meta.key
+    return None
+
+
+def _distinct(identities: Iterable[AzureIdentity]) -> list[AzureIdentity]:
+    seen: dict[tuple[str, str], AzureIdentity] = {}
+    for identity in identities:
+        seen.setdefault((identity.meta.namespace, identity.meta.name), identity)
+    return [seen[k] for k in sorted(seen)]
+
+
+def bound_identities(index: ClusterIndex, pod: Pod, settings: Settings) -> list[AzureIdentity]:
+    """Identities whose bindings select this pod (the managed-mode assignment)."""
+    label = pod.binding_label
+    if not label:
+        return []
+    found: list[AzureIdentity] = []
+    for binding in index.bindings_with_selector(label):
+        ns = binding.meta.namespace
+        if settings.namespaced_everywhere and ns != pod.meta.namespace:
+            continue
+        identity = index.identity(ns, binding.azure_identity)
+        if identity is not None and namespace_allows(identity, pod, settings):
+            found.append(identity)
+    return _distinct(found)
+
+
+def usable_assignments(
+    index: ClusterIndex, pod: Pod, settings: Settings
+) -> tuple[list[AzureAssignedIdentity], list[AzureAssignedIdentity]]:
+    """(usable, pending) assignments of this pod after namespace filtering."""
+    usable: list[AzureAssignedIdentity] = []
+    pending: list[AzureAssignedIdentity] = []
+    for a in index.assignments(pod.meta.namespace, pod.meta.name):
+        if a.meta.deleting or a.state == AssignedState.UNASSIGNED:
+            continue
+        if a.node_name and a.node_name != index.node_name:
+            continue
+        if not namespace_allows(a.identity, pod, settings):
+            continue
+        if a.state in (AssignedState.ASSIGNED, AssignedState.LEGACY):
+            usable.append(a)
+        elif a.state == AssignedState.CREATED:
+            pending.append(a)
+    return usable, pending
+
+
+def decide(
+    *,
+    index: ClusterIndex,
+    settings: Settings,
+    pod: Pod,
+    selector: IdentitySelector,
+    object_id_of: ObjectIdOf = _no_object_ids,
+) -> Decision:
+    exception = exception_for(index, pod)
+    if exception is not None:
+        return UseNodeIdentity(exception)
+    if settings.operation_mode is OperationMode.MANAGED:
+        return _choose(bound_identities(index, pod, settings), [], selector, object_id_of, False)
+    usable, pending = usable_assignments(index, pod, settings)
+    bound = bound_identities(index, pod, settings)
+    could_be_created = any(identity_matches(i, selector, object_id_of) for i in bound)
+    return _choose(
+        _distinct(a.identity for a in usable),
+        _distinct(a.identity for a in pending),
+        selector,
+        object_id_of,
+        could_be_created,
+    )
+
+
+def _choose(
+    usable: list[AzureIdentity],
+    pending: list[AzureIdentity],
+    selector: IdentitySelector,
+    object_id_of: ObjectIdOf,
+    could_be_created: bool,
+) -> Decision:
+    if not selector.empty:
+        for identity in usable:
+            if identity_matches(identity, selector, object_id_of):
+                return Grant(identity)
+        if any(identity_matches(i, selector, object_id_of) for i in pending):
+            return Wait("assigned", f"identity for {selector.describe()} is not yet Assigned")
+        if could_be_created:
+            return Wait("created", f"no AzureAssignedIdentity yet for {selector.describe()}")
+        return Deny("not_found", f"no identity of this pod matches {selector.describe()}")
+    keys = {(i.meta.namespace, i.meta.name) for i in (*usable, *pending)}
+    if len(keys) > 1:
+        return Deny("multiple", f"{len(keys)} identities are assigned to this pod")
+    if usable:
+        return Grant(usable[0])
+    if pending:
+        return Wait("assigned", "the pod's identity is not yet Assigned")
+    if could_be_created:
+        return Wait("created", "a binding matches this pod but no AzureAssignedIdentity exists yet")
+    return Deny("not_found", "no identity is assigned to this pod")

@@ -1,0 +1,313 @@
+"""Typed, immutable views of the Kubernetes objects nmi reads.
+
+The ``aadpodidentity.k8s.io/v1`` objects are read exactly as aad-pod-identity
+wrote them: Go's ``encoding/json`` matched keys case-insensitively (preferring
+an exact match), so objects written before v1.6 with ``ClientID``,
+``Selector`` or ``PodLabels`` are still valid and must be understood.  Parsing
+happens once, in the watch handler, so the request path only touches these
+small frozen objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMESPACED_ANNOTATION = "aadpodidentity.k8s.io/Behavior"
+NAMESPACED_VALUE = "namespaced"
+BINDING_LABEL = "aadpodidbinding"
+
+GROUP = "aadpodidentity.k8s.io"
+VERSION = "v1"
+
+
+class IdentityType:
+    """``spec.type`` of an AzureIdentity."""
+
+    USER_ASSIGNED_MSI = 0
+    SERVICE_PRINCIPAL = 1
+    SERVICE_PRINCIPAL_CERTIFICATE = 2
+    ALL = (0, 1, 2)
+
+
+class AssignedState:
+    """``status.status`` of an AzureAssignedIdentity."""
+
+    LEGACY = ""  # written by MIC before 1.5: usable
+    CREATED = "Created"
+    ASSIGNED = "Assigned"
+    UNASSIGNED = "Unassigned"
+
+
+def field_ci(obj: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """``obj[key]``, matching the key case-insensitively like Go's encoding/json."""
+    if not obj:
+        return default
+    if key in obj:
+        return obj[key]
+    lowered = key.lower()
+    for k, v in obj.items():
+        if k.lower() == lowered:
+            return v
+    return default
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): _str(v) for k, v in value.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """The parts of ``metadata`` nmi uses."""
+
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    deleting: bool = False
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None) -> Meta:
+        m = raw or {}
+        return cls(
+            namespace=_str(m.get("namespace")),
+            name=_str(m.get("name")),
+            uid=_str(m.get("uid")),
+            resource_version=_str(m.get("resourceVersion")),
+            labels=_str_map(m.get("labels")),
+            annotations=_str_map(m.get("annotations")),
+            deleting=bool(m.get("deletionTimestamp")),
+        )
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """A pod scheduled on this node."""
+
+    meta: Meta
+    node_name: str
+    phase: str
+    ips: tuple[str, ...]
+    host_network: bool
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Pod:
+        spec = raw.get("spec") or {}
+        status = raw.get("status") or {}
+        ips: list[str] = []
+        for entry in status.get("podIPs") or ():
+            ip = _str(entry.get("ip")) if isinstance(entry, Mapping) else ""
+            if ip and ip not in ips:
+                ips.append(ip)
+        single = _str(status.get("podIP"))
+        if single and single not in ips:
+            ips.insert(0, single)
+        return cls(
+            meta=Meta.parse(raw.get("metadata")),
+            node_name=_str(spec.get("nodeName")),
+            phase=_str(status.get("phase")),
+            ips=tuple(ips),
+            host_network=bool(spec.get("hostNetwork")),
+        )
+
+    @property
+    def can_call(self) -> bool:
+        """Whether traffic from this pod's IP may be attributed to it.
+
+        Pods that finished (Succeeded/Failed) may still show an IP that has
+        already been handed to a new pod; host-network pods share the node's
+        address, and their traffic is not intercepted anyway.
+        """
+        return self.phase in ("Pending", "Running") and not self.host_network and bool(self.ips)
+
+    @property
+    def binding_label(self) -> str | None:
+        return self.meta.labels.get(BINDING_LABEL)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class AzureIdentity:
+    """An Azure identity that pods may be bound to."""
+
+    meta: Meta
+    type: int | None
+    client_id: str
+    resource_id: str
+    tenant_id: str
+    ad_endpoint: str
+    secret_ref: SecretRef | None
+    auxiliary_tenant_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> AzureIdentity:
+        spec = field_ci(raw, "spec") or {}
+        raw_type = field_ci(spec, "type")
+        id_type: int | None
+        try:
+            id_type = int(raw_type) if raw_type is not None and raw_type != "" else 0
+        except (TypeError, ValueError):
+            id_type = None
+        if id_type is not None and id_type not in IdentityType.ALL:
+            id_type = None
+        ref_raw = field_ci(spec, "clientPassword")
+        ref: SecretRef | None = None
+        if isinstance(ref_raw, Mapping):
+            name = _str(field_ci(ref_raw, "name"))
+            if name:
+                ref = SecretRef(name=name, namespace=_str(field_ci(ref_raw, "namespace")))
+        aux = field_ci(spec, "auxiliaryTenantIDs") or ()
+        return cls(
+            meta=Meta.parse(raw.get("metadata")),
+            type=id_type,
+            client_id=_str(field_ci(spec, "clientID")),
+            resource_id=_str(field_ci(spec, "resourceID")),
+            tenant_id=_str(field_ci(spec, "tenantID")),
+            ad_endpoint=_str(field_ci(spec, "adEndpoint")),
+            secret_ref=ref,
+            auxiliary_tenant_ids=tuple(_str(t) for t in aux if t) if isinstance(aux, list) else (),
+        )
+
+    @property
+    def namespaced(self) -> bool:
+        """Per-identity namespaced behaviour (annotation, value case-insensitive)."""
+        for k, v in self.meta.annotations.items():
+            if k.lower() == NAMESPACED_ANNOTATION.lower() and v.lower() == NAMESPACED_VALUE:
+                return True
+        return False
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything that produces this identity's credential.
+
+        Changes of unrelated metadata (labels, status, resourceVersion) keep
+        the fingerprint, so cached tokens survive them; a changed client id,
+        tenant, endpoint or secret reference does not.
+        """
+        ref = self.secret_ref
+        parts = [
+            str(self.type),
+            self.client_id.lower(),
+            self.resource_id.lower(),
+            self.tenant_id.lower(),
+            self.ad_endpoint.lower(),
+            f"{ref.namespace}/{ref.name}" if ref else "",
+        ]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class AzureIdentityBinding:
+    """Which pods (label ``aadpodidbinding``) may use which AzureIdentity."""
+
+    meta: Meta
+    azure_identity: str
+    selector: str
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> AzureIdentityBinding:
+        spec = field_ci(raw, "spec") or {}
+        return cls(
+            meta=Meta.parse(raw.get("metadata")),
+            azure_identity=_str(field_ci(spec, "azureIdentity")),
+            selector=_str(field_ci(spec, "selector")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AzureAssignedIdentity:
+    """MIC's record that an identity is (being) assigned to one pod on a node."""
+
+    meta: Meta
+    pod: str
+    pod_namespace: str
+    node_name: str
+    identity: AzureIdentity
+    binding: AzureIdentityBinding | None
+    state: str
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> AzureAssignedIdentity:
+        spec = field_ci(raw, "spec") or {}
+        status = field_ci(raw, "status") or {}
+        identity_raw = field_ci(spec, "azureIdentityRef") or {}
+        binding_raw = field_ci(spec, "azureBindingRef")
+        return cls(
+            meta=Meta.parse(raw.get("metadata")),
+            pod=_str(field_ci(spec, "pod")),
+            pod_namespace=_str(field_ci(spec, "podNamespace")),
+            node_name=_str(field_ci(spec, "nodeName")),
+            identity=AzureIdentity.parse(identity_raw if isinstance(identity_raw, Mapping) else {}),
+            binding=AzureIdentityBinding.parse(binding_raw)
+            if isinstance(binding_raw, Mapping)
+            else None,
+            state=_str(field_ci(status, "status")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AzurePodIdentityException:
+    """Pod labels that make a pod use the node's own identity."""
+
+    meta: Meta
+    pod_labels: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> AzurePodIdentityException:
+        spec = field_ci(raw, "spec") or {}
+        return cls(
+            meta=Meta.parse(raw.get("metadata")), pod_labels=_str_map(field_ci(spec, "podLabels"))
+        )
+
+    def matches(self, pod: Pod) -> bool:
+        """Any single label pair matches (value compared case-insensitively), as NMI did."""
+        for key, value in self.pod_labels.items():
+            actual = pod.meta.labels.get(key)
+            if actual is not None and actual.lower() == value.lower():
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A Secret holding a service principal's credential."""
+
+    meta: Meta
+    data: Mapping[str, bytes]
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Secret:
+        import base64
+        import binascii
+
+        data: dict[str, bytes] = {}
+        for key, value in (raw.get("data") or {}).items():
+            try:
+                data[str(key)] = base64.b64decode(_str(value), validate=True)
+            except (binascii.Error, ValueError):
+                continue
+        for key, value in (raw.get("stringData") or {}).items():
+            data[str(key)] = _str(value).encode()
+        return cls(meta=Meta.parse(raw.get("metadata")), data=data)
+
+    def __repr__(self) -> str:  # never show credential material
+        return f"Secret({self.meta.key!r}, keys={sorted(self.data)!r})"

@@ -1,0 +1,1 @@
+"""Logs, probes, metrics and Events: what operators see of nmi."""

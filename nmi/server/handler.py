@@ -1,0 +1,334 @@
+"""The request path: from an HTTP request to an IMDS-shaped answer.
+
+One plain coroutine per request, in the order ``CONTRACT.md`` fixes: route,
+method, ``Metadata`` header (before any lookup, so SDK probes are answered
+at once), query, caller, identity decision, token.  Every outcome, including
+an unexpected exception, becomes a JSON reply, and every request leaves one
+access-log line.  Nothing here blocks: lookups are dictionary reads, waits
+are on the cluster view's change signal, upstream calls run on threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ..config import OperationMode, Settings
+from ..identity.decide import (
+    Deny,
+    Grant,
+    IdentitySelector,
+    UseNodeIdentity,
+    Wait,
+    bound_identities,
+    usable_assignments,
+)
+from ..identity.resolver import CallerProblem, Resolver
+from ..kube.objects import AzureIdentity, Pod
+from ..kube.secrets import SecretUnavailable
+from ..tokens.credentials import CredentialError
+from ..tokens.model import Token, UpstreamError
+from ..tokens.service import TokenService
+from . import replies
+from .proxy import MetadataProxy
+from .target import QueryError, Route, TokenQuery, classify, parse_token_query
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("nmi.access")
+
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+@dataclass(slots=True)
+class Access:
+    """What one request did, for the access log (never a token or a secret)."""
+
+    route: str = "-"
+    ip: str = ""
+    pod: str = ""
+    namespace: str = ""
+    identity: str = ""
+    resource: str = ""
+    cache: str = "-"
+    upstream_request_id: str = ""
+    waited_ms: float = 0.0
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def peer_ip(request: web.BaseRequest) -> str:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer:
+        return ""
+    ip = str(peer[0])
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip
+
+
+class ImdsHandler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        resolver: Resolver,
+        tokens: TokenService,
+        proxy: MetadataProxy,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.tokens = tokens
+        self.proxy = proxy
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        access = Access()
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            response = await self._dispatch(request, access)
+        except Exception:
+            log.exception("unexpected error on %s", access.route)
+            response = replies.internal_error()
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        self._log(request, response, access, started)
+        return response
+
+    def _log(
+        self, request: web.BaseRequest, response: web.StreamResponse, access: Access, started: float
+    ) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "route": access.route,
+            "method": request.method,
+            "status": response.status,
+            "ip": access.ip,
+            "namespace": access.namespace,
+            "pod": access.pod,
+            "identity": access.identity,
+            "resource": access.resource,
+            "cache": access.cache,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if access.waited_ms:
+            fields["waited_ms"] = round(access.waited_ms, 1)
+        if access.upstream_request_id:
+            fields["upstream_request_id"] = access.upstream_request_id
+        client_request = request.headers.get("x-ms-client-request-id")
+        if client_request:
+            fields["client_request_id"] = client_request[:64]
+        if access.reason:
+            fields["reason"] = access.reason
+        access_log.info("request", extra={"fields": fields})
+
+    # -- routing ------------------------------------------------------------
+
+    async def _dispatch(self, request: web.BaseRequest, access: Access) -> web.StreamResponse:
+        target = classify(request.raw_path)
+        access.route = target.route.value
+        access.ip = peer_ip(request)
+        if target.route is Route.TOKEN:
+            return await self._token(request, target.query, access)
+        if target.route is Route.HOST_TOKEN:
+            return await self._host_token(request, target.query, access)
+        if target.route in (Route.IDENTITY_OTHER, Route.INVALID):
+            return replies.not_found()
+        if target.route is Route.INSTANCE and self.settings.block_instance_metadata:
+            return replies.forbidden(
+                "Instance metadata is blocked by the node managed identity service"
+            )
+        return await self.proxy.forward(request, target.proxy_target)
+
+    async def _token(
+        self, request: web.BaseRequest, query: str, access: Access
+    ) -> web.StreamResponse:
+        if request.method != "GET":
+            return replies.method_not_allowed()
+        if self.settings.metadata_header_required and (
+            request.headers.get("Metadata", "").strip().lower() != "true"
+        ):
+            return replies.metadata_required()
+        try:
+            parsed = parse_token_query(query)
+        except QueryError as exc:
+            return _query_error(exc)
+        access.resource = parsed.resource
+        found = await self.resolver.caller(access.ip)
+        if isinstance(found, CallerProblem):
+            access.reason = found.reason
+            return replies.not_ready(
+                f"No pod identity could be determined for this caller ({found.kind})",
+                retry_after_header=self.settings.set_retry_after_header,
+            )
+        access.namespace, access.pod = found.meta.namespace, found.meta.name
+        result = await self._serve(found, parsed, access)
+        if isinstance(result, web.StreamResponse):
+            return result
+        token, identity_client_id = result
+        return replies.json_reply(200, _body(token, identity_client_id, parsed.resource))
+
+    async def _host_token(
+        self, request: web.BaseRequest, query: str, access: Access
+    ) -> web.StreamResponse:
+        if request.method != "GET":
+            return replies.method_not_allowed()
+        namespace = request.headers.get("podns", "")
+        name = request.headers.get("podname", "")
+        if not namespace or not name:
+            return replies.bad_request("missing 'podname' and 'podns' from request header")
+        if access.ip not in LOOPBACK:
+            return replies.forbidden("/host/token is only served to the node itself")
+        try:
+            parsed = parse_token_query(query, require_api_version=False)
+        except QueryError as exc:
+            return _query_error(exc)
+        access.resource = parsed.resource
+        access.namespace, access.pod = namespace, name
+        pod = self.resolver.index.pod(namespace, name)
+        if pod is None or not pod.can_call:
+            return replies.not_found(f"pod {namespace}/{name} is not running on this node")
+        result = await self._serve(pod, parsed, access)
+        if isinstance(result, web.StreamResponse):
+            return result
+        token, identity_client_id = result
+        return replies.json_reply(
+            200,
+            {
+                "token": _body(token, identity_client_id, parsed.resource),
+                "clientid": identity_client_id,
+            },
+        )
+
+    # -- identity + token -----------------------------------------------------
+
+    async def _serve(
+        self, pod: Pod, query: TokenQuery, access: Access
+    ) -> web.StreamResponse | tuple[Token, str]:
+        selector = query.selector
+        decision, waited = await self.resolver.resolve(pod, selector)
+        access.waited_ms = waited * 1000
+        if (
+            selector.object_id
+            and isinstance(decision, Deny)
+            and decision.kind == "not_found"
+            and await self._learn_object_ids(pod, query.resource)
+        ):
+            decision = self.resolver.decide_now(pod, selector)
+        try:
+            if isinstance(decision, Grant):
+                identity = decision.identity
+                access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
+                token, hit = await self.tokens.for_identity(identity, query.resource)
+                access.cache = "hit" if hit else "miss"
+                access.upstream_request_id = "" if hit else token.request_id
+                return token, identity.client_id or token.client_id
+            if isinstance(decision, UseNodeIdentity):
+                access.identity = f"node (exception {decision.exception})"
+                token, hit = await self.tokens.for_node(
+                    resource=query.resource,
+                    client_id=selector.client_id,
+                    object_id=selector.object_id,
+                    resource_id=selector.resource_id,
+                )
+                access.cache = "hit" if hit else "miss"
+                return token, token.client_id or selector.client_id
+        except UpstreamError as exc:
+            access.reason = f"{exc.source} {exc.status or '-'} {exc.error}"
+            return _upstream_error(exc)
+        except CredentialError as exc:
+            access.reason = str(exc)
+            return replies.bad_request(f"The identity cannot be used: {exc}")
+        except SecretUnavailable as exc:
+            access.reason = str(exc)
+            return replies.error(
+                503, "server_error", "The identity's credential cannot be read now"
+            )
+        if isinstance(decision, Deny):
+            access.reason = decision.reason
+            if decision.kind == "multiple":
+                return replies.multiple_identities()
+            return replies.identity_not_found()
+        assert isinstance(decision, Wait)
+        access.reason = decision.reason
+        return replies.not_ready(
+            "The pod's identity is not yet assigned on this node",
+            retry_after_header=self.settings.set_retry_after_header,
+        )
+
+    async def _learn_object_ids(self, pod: Pod, resource: str) -> bool:
+        """``object_id`` selects by the identity's service-principal object id, which
+        AzureIdentity does not record: it is learned from the ``oid`` claim of the
+        identity's tokens.  Fetch tokens for the pod's identities whose object id is
+        not known yet (a bounded, cached cost) and report whether anything was learned."""
+        candidates: list[AzureIdentity]
+        if self.settings.operation_mode is OperationMode.MANAGED:
+            candidates = bound_identities(self.resolver.index, pod, self.settings)
+        else:
+            usable, _ = usable_assignments(self.resolver.index, pod, self.settings)
+            candidates = [a.identity for a in usable]
+        learned = False
+        for identity in candidates[:8]:
+            if self.tokens.object_id_of(identity) is not None:
+                continue
+            try:
+                await self.tokens.for_identity(identity, resource)
+            except (UpstreamError, CredentialError, SecretUnavailable):
+                continue
+            learned = learned or self.tokens.object_id_of(identity) is not None
+        return learned
+
+
+def _body(token: Token, client_id: str, resource: str) -> dict[str, str]:
+    return replies.token_body(
+        access_token=token.access_token,
+        client_id=client_id,
+        expires_on=token.expires_on,
+        not_before=token.not_before,
+        now=int(time.time()),
+        resource=resource,
+        token_type=token.token_type,
+    )
+
+
+def _query_error(exc: QueryError) -> web.Response:
+    if exc.kind == "api_version_missing":
+        return replies.api_version_missing()
+    if exc.kind == "api_version_invalid":
+        return replies.api_version_missing(invalid=True)
+    return replies.bad_request(exc.description)
+
+
+def _upstream_error(exc: UpstreamError) -> web.Response:
+    if exc.retryable:
+        if exc.status == 429:
+            return replies.error(
+                429,
+                "too_many_requests",
+                "The token service is throttling requests",
+                retry_after=exc.retry_after or 1,
+            )
+        return replies.error(
+            503,
+            "server_error",
+            f"The token service failed temporarily ({exc.error})",
+            retry_after=exc.retry_after or 5,
+        )
+    return replies.json_reply(
+        400, {"error": exc.error or "invalid_request", "error_description": exc.description}
+    )
+
+
+__all__ = ["IdentitySelector", "ImdsHandler"]

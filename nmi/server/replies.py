@@ -1,0 +1,157 @@
+"""IMDS-shaped replies: every answer is JSON, with the status real clients expect.
+
+The table these builders implement (see ``CONTRACT.md``):
+
+======  ==========================  =====================================================
+status  error                       when
+======  ==========================  =====================================================
+400     invalid_request             no ``Metadata: true`` header (answered before any lookup)
+400     (api-version shape)         ``api-version`` missing or malformed
+400     invalid_request             ``resource`` missing, malformed or repeated;
+                                    several identity selectors; bad ``/host/token`` headers
+400     invalid_request             "Identity not found": nothing this pod may use matches
+400     invalid_request             "Multiple user assigned identities exist ...": no selector
+400     <AAD's error>               Azure AD / IMDS rejected the request (design-time error)
+403     forbidden                   ``/metadata/instance`` with --block-instance-metadata;
+                                    ``/host/token`` from a non-loopback address
+404     not_found                   not an IMDS path nmi serves (also ``/metadata/identity/*``
+                                    other than the token path); caller or assignment not
+                                    (yet) known, without --set-retry-after-header
+405     method_not_allowed          not GET on the token paths
+429     too_many_requests           upstream throttled (always with Retry-After)
+500     server_error                unexpected failure inside nmi
+502     bad_gateway                 proxied metadata path: node IMDS unreachable
+503     server_error                transient upstream failure, or (with
+                                    --set-retry-after-header) assignment not yet ready;
+                                    always with Retry-After
+504     gateway_timeout             proxied metadata path: node IMDS timed out
+======  ==========================  =====================================================
+
+``Retry-After`` appears only on 429 and 503: azure-core retries *any* status
+that carries it.  Bodies never contain the word "unreachable" (clients treat a
+403 containing it as "no IMDS here").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+JSON = "application/json; charset=utf-8"
+SERVER = "nmi"
+
+IDENTITY_NOT_FOUND = "Identity not found"
+MULTIPLE_IDENTITIES = (
+    "Multiple user assigned identities exist, please specify the clientId / resourceId "
+    "of the identity in the token request"
+)
+METADATA_REQUIRED = "Required metadata header not specified"
+API_VERSION_MISSING = (
+    "Bad request. api-version was not specified in the request. "
+    "For more information refer to aka.ms/azureimds"
+)
+API_VERSION_INVALID = (
+    "Bad request. api-version is invalid or was not specified in the request. "
+    "For more information refer to aka.ms/azureimds"
+)
+NEWEST_VERSIONS = ["2018-02-01"]
+
+_HEADERS = {"Content-Type": JSON, "Server": SERVER}
+
+
+def json_reply(status: int, body: Any, *, retry_after: int | None = None) -> web.Response:
+    headers = dict(_HEADERS)
+    if retry_after is not None and status in (429, 503):
+        headers["Retry-After"] = str(max(1, int(retry_after)))
+    return web.Response(
+        status=status, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers
+    )
+
+
+def error(
+    status: int, code: str, description: str, *, retry_after: int | None = None
+) -> web.Response:
+    if status in (429, 503) and retry_after is None:
+        retry_after = 5 if status == 503 else 1
+    return json_reply(
+        status, {"error": code, "error_description": description}, retry_after=retry_after
+    )
+
+
+def bad_request(description: str) -> web.Response:
+    return error(400, "invalid_request", description)
+
+
+def metadata_required() -> web.Response:
+    return bad_request(METADATA_REQUIRED)
+
+
+def api_version_missing(*, invalid: bool = False) -> web.Response:
+    return json_reply(
+        400,
+        {
+            "error": API_VERSION_INVALID if invalid else API_VERSION_MISSING,
+            "newest-versions": NEWEST_VERSIONS,
+        },
+    )
+
+
+def identity_not_found() -> web.Response:
+    return bad_request(IDENTITY_NOT_FOUND)
+
+
+def multiple_identities() -> web.Response:
+    return bad_request(MULTIPLE_IDENTITIES)
+
+
+def not_found(
+    description: str = "The requested path is not served by this endpoint",
+) -> web.Response:
+    return error(404, "not_found", description)
+
+
+def not_ready(description: str, *, retry_after_header: bool) -> web.Response:
+    """A transient state on nmi's side (assignment or pod not yet visible)."""
+    if retry_after_header:
+        return error(503, "server_error", description, retry_after=20)
+    return error(404, "not_found", description)
+
+
+def method_not_allowed() -> web.Response:
+    response = error(405, "method_not_allowed", "Only GET is allowed on this path")
+    response.headers["Allow"] = "GET"
+    return response
+
+
+def forbidden(description: str) -> web.Response:
+    return error(403, "forbidden", description)
+
+
+def internal_error() -> web.Response:
+    return error(500, "server_error", "Internal error in the node managed identity service")
+
+
+def token_body(
+    *,
+    access_token: str,
+    client_id: str,
+    expires_on: int,
+    not_before: int,
+    now: int,
+    resource: str,
+    token_type: str,
+) -> dict[str, str]:
+    """The real IMDS success shape: every value a string, times consistent."""
+    expires_in = str(max(expires_on - now, 0))
+    return {
+        "access_token": access_token,
+        "client_id": client_id,
+        "expires_in": expires_in,
+        "expires_on": str(expires_on),
+        "ext_expires_in": expires_in,
+        "not_before": str(not_before),
+        "resource": resource,
+        "token_type": token_type,
+    }

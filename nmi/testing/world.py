@@ -1,0 +1,445 @@
+"""The local world on loopback: an emulated cluster and Azure, and nmi serving it.
+
+One object starts the Kubernetes API emulator (HTTPS, bearer token, written
+kubeconfig), Azure AD (HTTPS) and the node IMDS, with one private CA trusted
+through ``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE`` as in production; it starts
+the real :class:`~nmi.app.Daemon` against them, and it offers the scenario
+steps the tests, the sandbox and the benchmarks share: create a pod on the
+node, create identities of each type (registered upstream, with their
+Secret), bind them, assign them as MIC would, and ask for a token *as a pod*
+— from the pod's own loopback address (127.0.0.x), so that nmi attributes
+the call by source IP exactly as it does on a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from ..app import Daemon
+from ..config import OperationMode, Settings
+from . import manifests as m
+from .aad import AzureAdServer
+from .imds import ImdsServer
+from .kube_api import KubeApiServer
+from .tls import CertificateAuthority, make_client_certificate
+
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+NODE = "aks-nodepool1-12345678-vmss000000"
+
+
+@dataclass
+class Identity:
+    """One Azure identity of the world and its Kubernetes objects."""
+
+    name: str
+    namespace: str
+    type: int
+    client_id: str
+    resource_id: str
+    object_id: str
+    selector: str
+    manifest: dict[str, Any]
+    secret_value: str = field(default="", repr=False)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+    @property
+    def token(self) -> str:
+        return str(self.body.get("access_token", ""))
+
+
+class LoopbackWorld:
+    def __init__(self, *, node: str = NODE, workdir: Path | None = None) -> None:
+        self.node = node
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="nmi-world-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.ca = CertificateAuthority()
+        self.kube = KubeApiServer(ca=self.ca)
+        self.aad = AzureAdServer(ca=self.ca, hostnames=["localhost"])
+        self.imds = ImdsServer(tenant_id=TENANT)
+        self.kubeconfig = workdir / "kubeconfig"
+        self.ca_bundle = workdir / "ca.pem"
+        self.daemon: Daemon | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self._next_ip = 10
+        self.identities: dict[str, Identity] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.kube.start()
+        await self.aad.start()
+        await self.imds.start()
+        self.kube.write_kubeconfig(self.kubeconfig)
+        self.ca.write_bundle(self.ca_bundle)
+        for key in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = str(self.ca_bundle)
+        self.aad.add_tenant(TENANT)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "node_name": self.node,
+            "listen_address": "127.0.0.1",
+            "port": 0,
+            "metadata_ip": "127.0.0.1",
+            "metadata_port": self.imds.port,
+            "http_probe_port": 0,
+            "prometheus_port": 0,
+            "probe_address": "127.0.0.1",
+            "metrics_address": "127.0.0.1",
+            "kubeconfig": str(self.kubeconfig),
+            "allowed_authority_hosts": frozenset({self.aad.authority_host}),
+            "find_identity_retry_interval": 1.0,
+            "pod_lookup_timeout": 0.5,
+            "upstream_timeout": 10.0,
+            "shutdown_grace": 2.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    async def start_daemon(self, **overrides: Any) -> Daemon:
+        self.daemon = Daemon(self.settings(**overrides))
+        await self.daemon.start()
+        return self.daemon
+
+    async def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            await self.daemon.stop()
+            self.daemon = None
+
+    async def stop(self) -> None:
+        await self.stop_daemon()
+        await self.imds.stop()
+        await self.aad.stop()
+        await self.kube.stop()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    async def __aenter__(self) -> LoopbackWorld:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- scenario steps -----------------------------------------------------
+
+    def new_pod_ip(self) -> str:
+        self._next_ip += 1
+        if self._next_ip > 250:
+            raise RuntimeError("out of loopback pod addresses")
+        return f"127.0.0.{self._next_ip}"
+
+    def ensure_namespace(self, name: str) -> None:
+        if self.kube.get("v1", "Namespace", name) is None:
+            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def add_pod(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        selector: str | None = None,
+        labels: dict[str, str] | None = None,
+        ip: str | None = None,
+        phase: str = "Running",
+    ) -> dict[str, Any]:
+        all_labels = dict(labels or {})
+        if selector is not None:
+            all_labels["aadpodidbinding"] = selector
+        self.ensure_namespace(namespace)
+        manifest = m.pod(
+            name=name,
+            namespace=namespace,
+            node=self.node,
+            ip=ip or self.new_pod_ip(),
+            labels=all_labels,
+            phase=phase,
+        )
+        status = manifest.pop("status")
+        self.kube.create(manifest)
+        # The API server ignores status on create; the kubelet reports it afterwards.
+        return self.kube.patch(
+            "v1", "Pod", name, namespace, {"status": status}, subresource="status"
+        )
+
+    def pod_ip(self, pod: dict[str, Any]) -> str:
+        return str(pod["status"]["podIP"])
+
+    def add_user_assigned_identity(
+        self, name: str, *, namespace: str = "default", selector: str | None = None, **extra: Any
+    ) -> Identity:
+        """A user-assigned managed identity (type 0), assigned to the node's VMSS."""
+        client_id = str(uuid.uuid4())
+        object_id = str(uuid.uuid4())
+        resource_id = (
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/"
+            f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+        )
+        self.imds.add_user_assigned(
+            client_id=client_id, object_id=object_id, resource_id=resource_id
+        )
+        self.ensure_namespace(namespace)
+        manifest = self.kube.create(
+            m.azure_identity(
+                name=name,
+                namespace=namespace,
+                type=0,
+                client_id=client_id,
+                resource_id=resource_id,
+                **extra,
+            )
+        )
+        return self._bind(name, namespace, 0, client_id, resource_id, object_id, selector, manifest)
+
+    def add_service_principal(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        selector: str | None = None,
+        certificate: bool = False,
+        pkcs12_password: str | None = None,
+        secret_namespace: str = "",
+        **extra: Any,
+    ) -> Identity:
+        """A service principal with a secret (type 1) or a certificate (type 2)."""
+        client_id = str(uuid.uuid4())
+        secret_name = f"{name}-credential"
+        self.ensure_namespace(namespace)
+        self.ensure_namespace(secret_namespace or namespace)
+        value = ""
+        if certificate:
+            cert = make_client_certificate(name)
+            object_id = self.aad.add_app(
+                tenant_id=TENANT, client_id=client_id, certificates=[cert.cert_pem]
+            )
+            data: dict[str, bytes] = {"certificate": cert.pkcs12(pkcs12_password)}
+            if pkcs12_password:
+                data["password"] = pkcs12_password.encode()
+        else:
+            value = f"s3cr3t-{uuid.uuid4()}"
+            object_id = self.aad.add_app(tenant_id=TENANT, client_id=client_id, secrets=[value])
+            data = {"clientsecret": value.encode()}
+        self.kube.create(
+            m.secret(name=secret_name, namespace=secret_namespace or namespace, data=data)
+        )
+        manifest = self.kube.create(
+            m.azure_identity(
+                name=name,
+                namespace=namespace,
+                type=2 if certificate else 1,
+                client_id=client_id,
+                tenant_id=TENANT,
+                secret_name=secret_name,
+                secret_namespace=secret_namespace or namespace,
+                **{"ad_endpoint": f"{self.aad.url}/", **extra},
+            )
+        )
+        ident = self._bind(
+            name, namespace, 2 if certificate else 1, client_id, "", object_id, selector, manifest
+        )
+        ident.secret_value = value
+        return ident
+
+    def _bind(
+        self,
+        name: str,
+        namespace: str,
+        id_type: int,
+        client_id: str,
+        resource_id: str,
+        object_id: str,
+        selector: str | None,
+        manifest: dict[str, Any],
+    ) -> Identity:
+        sel = selector if selector is not None else name
+        self.kube.create(
+            m.binding(name=f"{name}-binding", namespace=namespace, identity=name, selector=sel)
+        )
+        ident = Identity(
+            name=name,
+            namespace=namespace,
+            type=id_type,
+            client_id=client_id,
+            resource_id=resource_id,
+            object_id=object_id,
+            selector=sel,
+            manifest=manifest,
+        )
+        self.identities[name] = ident
+        return ident
+
+    def rotate_secret(self, identity: Identity) -> str:
+        """Rotate a type-1 secret in Azure AD and in the Kubernetes Secret."""
+        value = f"s3cr3t-{uuid.uuid4()}"
+        self.aad.set_secrets(identity.client_id, [value])
+        import base64
+
+        self.kube.patch(
+            "v1",
+            "Secret",
+            f"{identity.name}-credential",
+            identity.namespace,
+            {"data": {"clientsecret": base64.b64encode(value.encode()).decode()}},
+        )
+        identity.secret_value = value
+        return value
+
+    def assign(
+        self, pod: dict[str, Any], identity: Identity, *, state: str = "Assigned"
+    ) -> dict[str, Any]:
+        """Create (or move to ``state``) the AzureAssignedIdentity, as MIC would."""
+        meta = pod["metadata"]
+        obj = m.assigned_identity(
+            pod_name=meta["name"],
+            pod_namespace=meta["namespace"],
+            node=self.node,
+            identity=self.kube.get(
+                "aadpodidentity.k8s.io/v1", "AzureIdentity", identity.name, identity.namespace
+            )
+            or identity.manifest,
+            state=state,
+        )
+        name = obj["metadata"]["name"]
+        existing = self.kube.get(
+            "aadpodidentity.k8s.io/v1", "AzureAssignedIdentity", name, "default"
+        )
+        if existing is None:
+            created = self.kube.create(obj)
+            if state != created.get("status", {}).get("status"):
+                return self.set_assignment_state(pod, identity, state)
+            return created
+        return self.set_assignment_state(pod, identity, state)
+
+    def set_assignment_state(
+        self, pod: dict[str, Any], identity: Identity, state: str
+    ) -> dict[str, Any]:
+        meta = pod["metadata"]
+        name = f"{meta['name']}-{meta['namespace']}-{identity.name}"
+        return self.kube.patch(
+            "aadpodidentity.k8s.io/v1",
+            "AzureAssignedIdentity",
+            name,
+            "default",
+            {"status": {"status": state}},
+            subresource="status",
+        )
+
+    def unassign(self, pod: dict[str, Any], identity: Identity) -> None:
+        meta = pod["metadata"]
+        name = f"{meta['name']}-{meta['namespace']}-{identity.name}"
+        self.kube.patch(
+            "aadpodidentity.k8s.io/v1",
+            "AzureAssignedIdentity",
+            name,
+            "default",
+            {"metadata": {"finalizers": None}},
+        )
+        self.kube.delete("aadpodidentity.k8s.io/v1", "AzureAssignedIdentity", name, "default")
+
+    async def synced(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until the daemon's view satisfies ``predicate(index)``."""
+        assert self.daemon is not None
+        index = self.daemon.index
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate(index):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or not await index.changed.wait(remaining):
+                if predicate(index):
+                    return
+                raise TimeoutError("the daemon's cluster view did not reach the expected state")
+
+    async def pod_visible(self, pod: dict[str, Any]) -> None:
+        ip = self.pod_ip(pod)
+        await self.synced(lambda index: bool(index.pods_with_ip(ip)))
+
+    # -- acting as a pod ----------------------------------------------------
+
+    @property
+    def token_url(self) -> str:
+        assert self.daemon is not None
+        return f"http://127.0.0.1:{self.daemon.port}"
+
+    async def request(
+        self,
+        source_ip: str,
+        target: str,
+        *,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        timeout: float = 30.0,
+    ) -> Reply:
+        """Send ``method target`` to nmi from ``source_ip`` (the pod's address)."""
+        connector = aiohttp.TCPConnector(local_addr=(source_ip, 0), force_close=True)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session:
+            url = self.token_url + target
+            async with session.request(
+                method, URL(url, encoded=True), headers=headers or {}
+            ) as resp:
+                raw = await resp.read()
+                try:
+                    body = json.loads(raw) if raw else {}
+                except ValueError:
+                    body = {"_raw": raw.decode("utf-8", "replace")}
+                if not isinstance(body, dict):
+                    body = {"_value": body}
+                return Reply(status=resp.status, body=body, headers=dict(resp.headers))
+
+    async def get_token(
+        self,
+        source_ip: str,
+        resource: str = "https://management.azure.com",
+        *,
+        metadata: bool = True,
+        **params: str,
+    ) -> Reply:
+        from urllib.parse import urlencode
+
+        query = urlencode({"api-version": "2018-02-01", "resource": resource, **params})
+        headers = {"Metadata": "true"} if metadata else {}
+        return await self.request(
+            source_ip, f"/metadata/identity/oauth2/token?{query}", headers=headers
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_world(**daemon_overrides: Any) -> Any:
+    """A started world with a started daemon (standard mode unless overridden)."""
+    world = LoopbackWorld()
+    await world.start()
+    try:
+        await world.start_daemon(**daemon_overrides)
+        yield world
+    finally:
+        await world.stop()
+
+
+__all__ = ["NODE", "TENANT", "Identity", "LoopbackWorld", "OperationMode", "Reply", "running_world"]

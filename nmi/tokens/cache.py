@@ -1,0 +1,151 @@
+"""The token cache: correct first, then fast.
+
+* The key names everything that produced the credential: the identity's UID,
+  a fingerprint of its spec, the version of its Secret, and the resource.  A
+  rotated Secret or an edited identity is a different key, so the new
+  credential is used on the very next request without a restart.
+* Concurrent misses for one key share one upstream call (single flight); the
+  call is shielded, so a client that hangs up does not cancel it for others.
+* A token is never handed out with :data:`SERVE_FLOOR` seconds or less left
+  (clients treat tokens with 5 minutes or less as expired and would fetch on
+  every call).
+* A token is refreshed ahead of expiry: a request that finds it past its
+  refresh time is answered from the cache at once and starts one background
+  refresh; a failed refresh keeps the still-valid token in service.
+
+The cache is consulted only after the identity decision for the request has
+passed: it stores tokens, never permissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+from .model import Token
+
+log = logging.getLogger(__name__)
+
+SERVE_FLOOR = 330  # seconds of validity a served token must still have (> 5 minutes)
+MIN_REFRESH_LEAD = 600  # refresh at least this long before SERVE_FLOOR is reached
+RETRY_REFRESH_AFTER = 30.0  # after a failed or useless refresh
+
+
+@dataclass(slots=True)
+class _Entry:
+    token: Token
+    refresh_at: float
+    next_attempt: float = 0.0
+    last_used: float = 0.0
+
+
+class TokenCache:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._entries: dict[Hashable, _Entry] = {}
+        self._flights: dict[Hashable, asyncio.Task[Token]] = {}
+        self._refreshing: set[asyncio.Task[Token]] = set()
+        self.hits = 0
+        self.misses = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: Hashable) -> Token | None:
+        entry = self._entries.get(key)
+        return entry.token if entry is not None else None
+
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[Token]]) -> tuple[Token, bool]:
+        """The token for ``key`` and whether it came from the cache."""
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is not None and entry.token.expires_on - now > SERVE_FLOOR:
+            entry.last_used = now
+            self.hits += 1
+            if now >= entry.refresh_at and now >= entry.next_attempt and key not in self._flights:
+                entry.next_attempt = now + RETRY_REFRESH_AFTER
+                self._start(key, fetch, background=True)
+            return entry.token, True
+        self.misses += 1
+        flight = self._flights.get(key) or self._start(key, fetch, background=False)
+        return await asyncio.shield(flight), False
+
+    def _start(
+        self, key: Hashable, fetch: Callable[[], Awaitable[Token]], *, background: bool
+    ) -> asyncio.Task[Token]:
+        task = asyncio.create_task(self._fetch(key, fetch, background=background))
+        self._flights[key] = task
+        if background:
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+            task.add_done_callback(_consume)
+        return task
+
+    async def _fetch(
+        self, key: Hashable, fetch: Callable[[], Awaitable[Token]], *, background: bool
+    ) -> Token:
+        try:
+            token = await fetch()
+        except Exception:
+            if background:
+                self.refresh_failures += 1
+                log.warning("background token refresh failed; the cached token stays in service")
+            raise
+        finally:
+            self._flights.pop(key, None)
+        if background:
+            self.refreshes += 1
+        self._store(key, token)
+        return token
+
+    def _store(self, key: Hashable, token: Token) -> None:
+        now = self._clock()
+        remaining = token.expires_on - now
+        lead = max(token.lifetime / 3, MIN_REFRESH_LEAD)
+        # Jitter so that tokens obtained together are not refreshed together.
+        refresh_at = token.expires_on - SERVE_FLOOR - lead * random.uniform(0.8, 1.0)  # noqa: S311
+        previous = self._entries.get(key)
+        if previous is not None and previous.token.expires_on >= token.expires_on:
+            # Upstream returned the same (cached) token: do not ask again at once.
+            previous.next_attempt = now + max(RETRY_REFRESH_AFTER, min(300.0, remaining / 10))
+            return
+        self._entries[key] = _Entry(token=token, refresh_at=refresh_at, last_used=now)
+
+    def invalidate(self, predicate: Callable[[Hashable], bool]) -> int:
+        doomed = [k for k in self._entries if predicate(k)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def sweep(self, *, idle: float = 3600.0) -> int:
+        """Drop expired entries and those nobody asked for in ``idle`` seconds."""
+        now = self._clock()
+        doomed = [
+            k
+            for k, e in self._entries.items()
+            if e.token.expires_on - now <= SERVE_FLOOR or now - e.last_used > idle
+        ]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    async def close(self) -> None:
+        tasks = list(self._flights.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _consume(task: asyncio.Task[Token]) -> None:
+    """Background refreshes are awaited by nobody: retrieve their exception."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,136 @@
+"""Tokens for a decided identity: cache key, credential, upstream call.
+
+This is where an AzureIdentity becomes a token.  The cache key is computed
+from memory only (identity UID + spec fingerprint + Secret resourceVersion +
+resource), so a cache hit costs no I/O; the Secret is parsed and the
+authority validated only on a miss, inside the single upstream flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+
+from ..config import Settings
+from ..kube.objects import AzureIdentity, IdentityType
+from ..kube.secrets import SecretStore
+from .cache import TokenCache
+from .credentials import (
+    CredentialError,
+    authority_for,
+    client_certificate_from,
+    client_secret_from,
+)
+from .model import Token
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def identity_key(identity: AzureIdentity) -> str:
+    return identity.meta.uid or f"{identity.meta.namespace}/{identity.meta.name}"
+
+
+class TokenService:
+    def __init__(
+        self, *, settings: Settings, secrets: SecretStore, upstream: Upstream, cache: TokenCache
+    ) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.upstream = upstream
+        self.cache = cache
+        self._object_ids: dict[str, str] = {}
+
+    def object_id_of(self, identity: AzureIdentity) -> str | None:
+        return self._object_ids.get(f"{identity_key(identity)}:{identity.fingerprint}")
+
+    def _learn(self, identity: AzureIdentity, token: Token) -> None:
+        oid = token.claim("oid")
+        if oid:
+            self._object_ids[f"{identity_key(identity)}:{identity.fingerprint}"] = oid
+
+    async def cache_key(self, identity: AzureIdentity, resource: str) -> Hashable:
+        """The key of this identity's token for ``resource`` (reads the Secret on a first use)."""
+        base = (identity_key(identity), identity.fingerprint)
+        if identity.type == IdentityType.USER_ASSIGNED_MSI:
+            return ("mi", *base, resource)
+        if identity.type in (
+            IdentityType.SERVICE_PRINCIPAL,
+            IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
+        ):
+            ns, name = self._secret_location(identity)
+            secret = await self.secrets.get(ns, name)
+            if secret is None:
+                raise CredentialError(
+                    f"secret {ns}/{name} of identity {identity.meta.key} not found"
+                )
+            return ("sp", *base, secret.meta.uid, secret.meta.resource_version, resource)
+        raise CredentialError(f"identity {identity.meta.key} has an unsupported spec.type")
+
+    def _secret_location(self, identity: AzureIdentity) -> tuple[str, str]:
+        ref = identity.secret_ref
+        if ref is None:
+            raise CredentialError(f"identity {identity.meta.key} has no spec.clientPassword")
+        namespace = ref.namespace or identity.meta.namespace
+        if namespace != identity.meta.namespace and not self.settings.allow_cross_namespace_secrets:
+            raise CredentialError(
+                f"identity {identity.meta.key} refers to a Secret in namespace {namespace!r}; "
+                "only its own namespace is allowed (see --allow-cross-namespace-secrets)"
+            )
+        return namespace, ref.name
+
+    async def for_identity(self, identity: AzureIdentity, resource: str) -> tuple[Token, bool]:
+        key = await self.cache_key(identity, resource)
+
+        async def fetch() -> Token:
+            token = await self._fetch(identity, resource)
+            self._learn(identity, token)
+            return token
+
+        return await self.cache.get(key, fetch)
+
+    async def _fetch(self, identity: AzureIdentity, resource: str) -> Token:
+        if identity.type == IdentityType.USER_ASSIGNED_MSI:
+            if identity.client_id:
+                return await self.upstream.from_imds(
+                    resource=resource, client_id=identity.client_id
+                )
+            if identity.resource_id:
+                return await self.upstream.from_imds(
+                    resource=resource, resource_id=identity.resource_id
+                )
+            raise CredentialError(
+                f"identity {identity.meta.key} has neither clientID nor resourceID"
+            )
+        if not identity.client_id:
+            raise CredentialError(f"identity {identity.meta.key} has no spec.clientID")
+        authority = authority_for(identity, self.settings)
+        ns, name = self._secret_location(identity)
+        secret = await self.secrets.get(ns, name)
+        if secret is None:
+            raise CredentialError(f"secret {ns}/{name} of identity {identity.meta.key} not found")
+        if identity.type == IdentityType.SERVICE_PRINCIPAL:
+            credential: object = client_secret_from(secret)
+        else:
+            credential = client_certificate_from(secret)
+        assert not isinstance(credential, type(None))
+        return await self.upstream.from_aad(
+            client_id=identity.client_id,
+            authority=authority,
+            credential=credential,  # type: ignore[arg-type]
+            credential_key=f"{secret.meta.uid}:{secret.meta.resource_version}",
+            resource=resource,
+        )
+
+    async def for_node(
+        self, *, resource: str, client_id: str = "", object_id: str = "", resource_id: str = ""
+    ) -> tuple[Token, bool]:
+        """The node's own identity (exception pods), through the node IMDS."""
+        key = ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
+
+        async def fetch() -> Token:
+            return await self.upstream.from_imds(
+                resource=resource, client_id=client_id, object_id=object_id, resource_id=resource_id
+            )
+
+        return await self.cache.get(key, fetch)

@@ -1,0 +1,324 @@
+"""Getting tokens from upstream with MSAL, off the event loop.
+
+MSAL is synchronous (``requests`` underneath), so every call runs in a thread
+pool; the token cache in front makes sure concurrent requests for one key
+share one call.  Two sources:
+
+* the node's IMDS (``--metadata-ip:--metadata-port``) through
+  ``msal.ManagedIdentityClient`` for user-assigned identities (type 0) and for
+  exception pods (the node's own identity).  MSAL builds the IMDS URL from
+  ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` or 169.254.169.254; the HTTP session
+  given to it re-targets whatever it built to the configured endpoint, so the
+  daemon's own environment can never redirect it.  nmi's own packets leave
+  the node through OUTPUT and are not intercepted by its PREROUTING rules.
+* Azure AD through ``msal.ConfidentialClientApplication`` for service
+  principals with a secret (type 1) or a certificate (type 2).  One
+  application object is kept per credential (so OIDC discovery happens once),
+  and its MSAL cache is cleared before each call: nmi's cache decides when a
+  new token is needed, and MSAL must then really fetch one.
+
+TLS trust follows ``REQUESTS_CA_BUNDLE``, else ``SSL_CERT_FILE``, else the
+system store.  Upstream answers are classified into retryable and
+design-time failures with the HTTP status and ``Retry-After`` they came with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msal
+import requests
+from cachetools import LRUCache
+
+from ..config import Settings
+from .credentials import Authority, Credential
+from .model import Token, UpstreamError
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+IMDS_MAX_IN_FLIGHT = 5  # Azure's per-VM limit for managed-identity token requests
+
+
+class _Recording(threading.local):
+    """What the last upstream response said, per thread (one MSAL call per thread)."""
+
+    status: int | None = None
+    retry_after: int | None = None
+    request_id: str = ""
+
+    def reset(self) -> None:
+        self.status = None
+        self.retry_after = None
+        self.request_id = ""
+
+
+LAST = _Recording()
+
+
+class UpstreamSession(requests.Session):
+    """A ``requests.Session`` with timeouts, trust roots and response capture.
+
+    ``base`` (scheme://host:port) re-targets every request to that origin,
+    keeping path and query: used to pin MSAL's IMDS calls to the configured
+    metadata endpoint.
+    """
+
+    def __init__(self, *, timeout: float, base: str | None = None) -> None:
+        super().__init__()
+        self._timeout = (min(5.0, timeout), timeout)
+        self._base = urlsplit(base) if base else None
+        self.trust_env = False  # no proxies from the environment for credential traffic
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+        if bundle:
+            self.verify = bundle
+
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        if isinstance(url, bytes):
+            url = url.decode()
+        if self._base is not None:
+            parts = urlsplit(url)
+            url = urlunsplit((self._base.scheme, self._base.netloc, parts.path, parts.query, ""))
+        kwargs.setdefault("timeout", self._timeout)
+        response = super().request(method, url, *args, **kwargs)
+        LAST.status = response.status_code
+        LAST.retry_after = _retry_after(response.headers.get("Retry-After"))
+        LAST.request_id = response.headers.get("x-ms-request-id", "") or response.headers.get(
+            "client-request-id", ""
+        )
+        return response
+
+
+def _retry_after(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return max(0, min(int(float(value)), 3600))
+    except ValueError:
+        return None
+
+
+TRANSIENT_ERRORS = {
+    "temporarily_unavailable",
+    "server_error",
+    "service_unavailable",
+    "too_many_requests",
+}
+
+
+def classify(result: Mapping[str, Any], *, source: str) -> UpstreamError:
+    """Turn an MSAL error result into an :class:`UpstreamError`."""
+    status = LAST.status
+    error = str(result.get("error") or "unknown_error")
+    description = str(result.get("error_description") or "")
+    retryable = (
+        status is None  # MSAL replayed a throttled answer without sending anything
+        or status == 429
+        or status >= 500
+        or error in TRANSIENT_ERRORS
+    )
+    retry_after = LAST.retry_after
+    if retryable and retry_after is None:
+        retry_after = 5
+    return UpstreamError(
+        error=error,
+        description=description[:1000],
+        status=status,
+        retryable=retryable,
+        retry_after=retry_after,
+        source=source,
+    )
+
+
+def _from_status(status: int, *, source: str) -> UpstreamError:
+    """An upstream answer MSAL raised on instead of returning (e.g. 5xx without JSON)."""
+    retryable = status == 429 or status >= 500
+    return UpstreamError(
+        error="too_many_requests" if status == 429 else "server_error",
+        description=f"{source} answered HTTP {status}",
+        status=status,
+        retryable=retryable,
+        retry_after=(LAST.retry_after or 5) if retryable else None,
+        source=source,
+    )
+
+
+def _token_from(
+    result: Mapping[str, Any], *, client_id: str, started: float, request_id: str
+) -> Token:
+    expires_in = int(result.get("expires_in") or 0)
+    now = time.time()
+    return Token(
+        access_token=str(result["access_token"]),
+        expires_on=int(started + expires_in),
+        not_before=int(started),
+        client_id=client_id,
+        token_type=str(result.get("token_type") or "Bearer"),
+        obtained_at=now,
+        request_id=request_id,
+    )
+
+
+class Upstream:
+    """The two upstream token sources, each call on the thread pool."""
+
+    def __init__(self, *, settings: Settings, executor: ThreadPoolExecutor | None = None) -> None:
+        self.settings = settings
+        self._executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="msal")
+        self._imds_slots = asyncio.Semaphore(IMDS_MAX_IN_FLIGHT)
+        self._apps: LRUCache[tuple[str, ...], Any] = LRUCache(maxsize=1024)
+        self._apps_lock = threading.Lock()
+        self.calls = 0
+
+    async def _run(self, fn: Callable[[], R]) -> R:
+        self.calls += 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    # -- node IMDS ----------------------------------------------------------
+
+    async def from_imds(
+        self, *, resource: str, client_id: str = "", object_id: str = "", resource_id: str = ""
+    ) -> Token:
+        """A managed-identity token from the node's IMDS (no selector: system-assigned)."""
+        if client_id:
+            mi: Any = msal.UserAssignedManagedIdentity(client_id=client_id)
+        elif object_id:
+            mi = msal.UserAssignedManagedIdentity(object_id=object_id)
+        elif resource_id:
+            mi = msal.UserAssignedManagedIdentity(resource_id=resource_id)
+        else:
+            mi = msal.SystemAssignedManagedIdentity()
+
+        def call() -> Token:
+            LAST.reset()
+            session = UpstreamSession(
+                timeout=self.settings.upstream_timeout, base=self.settings.metadata_endpoint
+            )
+            try:
+                client = msal.ManagedIdentityClient(
+                    mi, http_client=session, token_cache=msal.TokenCache()
+                )
+                started = time.time()
+                try:
+                    result = client.acquire_token_for_client(resource=resource)
+                except Exception as exc:  # MSAL raises many kinds
+                    if LAST.status is not None and LAST.status != 200:
+                        raise _from_status(LAST.status, source="imds") from None
+                    raise UpstreamError(
+                        error="imds_unreachable",
+                        description=f"node IMDS request failed: {type(exc).__name__}",
+                        status=None,
+                        retryable=True,
+                        retry_after=5,
+                        source="imds",
+                    ) from None
+                if "access_token" not in result:
+                    raise classify(result, source="imds")
+                token = _token_from(
+                    result, client_id=client_id, started=started, request_id=LAST.request_id
+                )
+                return token
+            finally:
+                session.close()
+
+        async with self._imds_slots:
+            return await self._run(call)
+
+    # -- Azure AD -----------------------------------------------------------
+
+    async def from_aad(
+        self,
+        *,
+        client_id: str,
+        authority: Authority,
+        credential: Credential,
+        credential_key: str,
+        resource: str,
+    ) -> Token:
+        """A client-credentials token for a service principal."""
+        scope = f"{resource}/.default"
+
+        def call() -> Token:
+            LAST.reset()
+            started = time.time()
+            try:
+                app = self._app(client_id, authority, credential, credential_key)
+                app.remove_tokens_for_client()
+                result = app.acquire_token_for_client(scopes=[scope])
+            except Exception as exc:  # MSAL raises many kinds
+                # Drop the app: a failed discovery must be retried next time.
+                with self._apps_lock:
+                    self._apps.pop((client_id, authority.url, credential_key), None)
+                if LAST.status is not None and 400 <= LAST.status < 500 and LAST.status != 429:
+                    raise UpstreamError(
+                        error="invalid_request",
+                        description=f"Azure AD rejected authority {authority.url}: "
+                        f"HTTP {LAST.status} (unknown tenant?)",
+                        status=LAST.status,
+                        retryable=False,
+                        source="aad",
+                    ) from None
+                if LAST.status is not None and (LAST.status == 429 or LAST.status >= 500):
+                    raise _from_status(LAST.status, source="aad") from None
+                raise UpstreamError(
+                    error="aad_unreachable",
+                    description=f"Azure AD request failed: {type(exc).__name__}: {_safe(exc)}",
+                    status=None,
+                    retryable=True,
+                    retry_after=5,
+                    source="aad",
+                ) from None
+            if not result or "access_token" not in result:
+                raise classify(result or {}, source="aad")
+            return _token_from(
+                result, client_id=client_id, started=started, request_id=LAST.request_id
+            )
+
+        return await self._run(call)
+
+    def _app(
+        self, client_id: str, authority: Authority, credential: Credential, credential_key: str
+    ) -> Any:
+        key = (client_id, authority.url, credential_key)
+        with self._apps_lock:
+            found = self._apps.get(key)
+        if found is not None:
+            return found
+        session = UpstreamSession(timeout=self.settings.upstream_timeout)
+        app = msal.ConfidentialClientApplication(
+            client_id,
+            client_credential=credential.for_msal(),
+            authority=authority.url,
+            http_client=session,
+            instance_discovery=authority.known_cloud,
+            token_cache=msal.TokenCache(),
+        )
+        with self._apps_lock:
+            self._apps[key] = app
+        return app
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _safe(exc: BaseException) -> str:
+    """An exception message trimmed of anything that might echo a request body."""
+    text = str(exc).split("\n", 1)[0]
+    return text[:200]
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,102 @@
+"""Request-target classification and token-query validation."""
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nmi.server.target import QueryError, Route, classify, parse_token_query
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/metadata/identity/oauth2/token",
+        "/metadata/identity/oauth2/token/",
+        "//metadata/identity/oauth2/token/",
+        "/Metadata/Identity/OAuth2/Token",
+        "/metadata//identity/oauth2//token?x=1",
+        "/metadata/%69dentity/oauth2/token",
+    ],
+)
+def test_token_path_variants(raw: str) -> None:
+    assert classify(raw).route is Route.TOKEN
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/metadata/identity/getplatformmetadata",
+        "/metadata/identity/issuecredential",
+        "/metadata/identity",
+        "/metadata/identity\\oauth2\\token",
+        "/metadata/instance/../identity/oauth2/token",
+        "/metadata/identity/oauth2/token/../../identity/x",
+    ],
+)
+def test_identity_paths_are_never_proxied(raw: str) -> None:
+    assert classify(raw).route is Route.IDENTITY_OTHER
+
+
+def test_other_routes() -> None:
+    assert classify("/host/token/?resource=x").route is Route.HOST_TOKEN
+    assert classify("/metadata/instance?api-version=2021-02-01").route is Route.INSTANCE
+    t = classify("//metadata/scheduledevents?api-version=2020-07-01")
+    assert t.route is Route.PROXY
+    assert t.proxy_target == "/metadata/scheduledevents?api-version=2020-07-01"
+    assert classify("/a/../b").route is Route.INVALID
+    assert classify("/%ff%fe").route is Route.INVALID
+
+
+def test_query_ok_unencoded_and_encoded() -> None:
+    q = parse_token_query("api-version=2018-02-01&resource=https://management.azure.com")
+    assert q.resource == "https://management.azure.com"
+    assert q.selector.empty
+    q = parse_token_query(
+        "api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net&msi_res_id=%2Fsubscriptions%2Fs"
+    )
+    assert q.resource == "https://vault.azure.net"
+    assert q.selector.resource_id == "/subscriptions/s"
+
+
+def test_trailing_slash_resource_is_echoed_as_given() -> None:
+    q = parse_token_query("api-version=2018-02-01&resource=https://management.azure.com/")
+    assert q.resource == "https://management.azure.com/"
+
+
+def test_mi_res_id_is_an_alias() -> None:
+    q = parse_token_query("api-version=2018-02-01&resource=r&mi_res_id=/s/x")
+    assert q.selector.resource_id == "/s/x"
+
+
+@pytest.mark.parametrize(
+    ("query", "kind"),
+    [
+        ("resource=r", "api_version_missing"),
+        ("api-version=&resource=r", "api_version_missing"),
+        ("api-version=yesterday&resource=r", "api_version_invalid"),
+        ("api-version=2018-02-01", "invalid"),
+        ("api-version=2018-02-01&resource=", "invalid"),
+        ("api-version=2018-02-01&resource=a&resource=b", "invalid"),
+        ("api-version=2018-02-01&resource=r&client_id=a&msi_res_id=b", "invalid"),
+        ("api-version=2018-02-01&resource=r&client_id=a&object_id=b", "invalid"),
+        ("api-version=2018-02-01&resource=r&client_id=a&client_id=b", "invalid"),
+        ("api-version=2018-02-01&resource=r%0a", "invalid"),
+    ],
+)
+def test_query_errors(query: str, kind: str) -> None:
+    with pytest.raises(QueryError) as info:
+        parse_token_query(query)
+    assert info.value.kind == kind
+
+
+@given(st.text(max_size=200))
+def test_classify_never_raises(raw: str) -> None:
+    classify("/" + raw)
+
+
+@given(st.text(max_size=300))
+def test_parse_query_raises_only_query_error(query: str) -> None:
+    with contextlib.suppress(QueryError):
+        parse_token_query(query)
