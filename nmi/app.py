@@ -27,6 +27,7 @@ from .kube.informer import RawApi
 from .kube.secrets import SecretStore
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
+from .server.listener import JsonErrorServer
 from .server.proxy import MetadataProxy
 from .tokens.cache import TokenCache
 from .tokens.service import TokenService
@@ -96,7 +97,7 @@ class Daemon:
                 }
             },
         )
-        server = web.Server(self.handler, access_log=None, handler_cancellation=True)
+        server = JsonErrorServer(self.handler, access_log=None, handler_cancellation=True)
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=s.shutdown_grace
         )

@@ -116,6 +116,7 @@ class Informer(Generic[T]):
                     await self._list()
                     need_list = False
                 await self._watch()
+                self.watch_restarts += 1  # the stream ended (timeout, server restart): resume
                 backoff = self.backoff_initial
             except Gone:
                 log.info(

@@ -9,6 +9,7 @@ endpoint is served here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ class Probes:
         self._checks: dict[str, Check] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.listening = asyncio.Event()
 
     def add_check(self, name: str, check: Check) -> None:
         self._checks[name] = check
@@ -53,6 +55,7 @@ class Probes:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = _bound_port(self._runner, port)
+        self.listening.set()
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -1,0 +1,148 @@
+"""Loopback measurements of the request path (a script that prints numbers, not a test).
+
+1. Cache-hit latency: a pod (source 127.0.0.x) sends 1,000 sequential token
+   requests over one keep-alive connection; p50/p99/mean are printed next to
+   the same client against a bare aiohttp server that returns a static body of
+   the same size (the framework's floor, measured in the same run).
+2. Cold concurrency: N concurrent requests for a token nobody has asked for
+   yet, with the upstream slowed by 20 ms; prints how many upstream calls were
+   made (service principal via Azure AD, and managed identity via IMDS).
+
+The client runs in its own process (``bench/http_client.py``) so that it does
+not share an event loop or a GIL with the daemon.
+
+usage: python -m bench.loopback [--requests 1000] [--concurrency 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from nmi.testing.world import LoopbackWorld
+
+CLIENT = Path(__file__).with_name("http_client.py")
+RESOURCE = "https://management.azure.com"
+TARGET = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}"
+
+
+async def run_client(host: str, port: int, source: str, count: int) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(CLIENT),
+        host,
+        str(port),
+        source,
+        TARGET,
+        str(count),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError("client failed")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def static_server(body: bytes) -> tuple[web.ServerRunner, int]:
+    async def handler(_: web.BaseRequest) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    runner = web.ServerRunner(web.Server(handler), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    return runner, port
+
+
+def fmt(stats: dict[str, Any]) -> str:
+    return (
+        f"p50 {stats['p50_ms']:.3f} ms   p99 {stats['p99_ms']:.3f} ms   "
+        f"mean {stats['mean_ms']:.3f} ms   ({stats['n']} requests, {stats['errors']} non-200)"
+    )
+
+
+async def main(requests: int, concurrency: int) -> None:
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    async with LoopbackWorld() as world:
+        await world.start_daemon()
+        assert world.daemon is not None
+        mi = world.add_user_assigned_identity("bench-mi", selector="bench")
+        pod = world.add_pod("bench", selector="bench")
+        world.assign(pod, mi)
+        await world.pod_visible(pod)
+        await world.synced(lambda idx: bool(idx.assignments("default", "bench")))
+        ip = world.pod_ip(pod)
+        warm = await world.get_token(ip, RESOURCE)
+        assert warm.status == 200, warm.body
+
+        hits = await run_client("127.0.0.1", world.daemon.port, ip, requests)
+        runner, port = await static_server(json.dumps(warm.body).encode())
+        try:
+            floor = await run_client("127.0.0.1", port, ip, requests)
+        finally:
+            await runner.cleanup()
+        print(f"\n1. cache hits, {requests} sequential requests on one keep-alive connection")
+        print(f"   nmi:                 {fmt(hits)}")
+        print(f"   bare aiohttp static: {fmt(floor)}")
+        print(
+            f"   ratio nmi/bare p50: {hits['p50_ms'] / floor['p50_ms']:.2f}x, "
+            f"p99: {hits['p99_ms'] / floor['p99_ms']:.2f}x"
+        )
+
+        print(f"\n2. {concurrency} concurrent cold requests, upstream latency 20 ms")
+        world.aad.latency = 0.02
+        world.imds.latency = 0.02
+        sp = world.add_service_principal("bench-sp", selector="bench-sp")
+        sp_pod = world.add_pod("bench-sp", selector="bench-sp")
+        world.assign(sp_pod, sp)
+        await world.pod_visible(sp_pod)
+        await world.synced(lambda idx: bool(idx.assignments("default", "bench-sp")))
+        for label, source, client_id, counter, resource in (
+            (
+                "service principal (Azure AD)",
+                world.pod_ip(sp_pod),
+                sp.client_id,
+                world.aad.token_requests,
+                "https://vault.azure.net",
+            ),
+            (
+                "managed identity (IMDS)",
+                ip,
+                mi.client_id,
+                world.imds.token_requests,
+                "https://storage.azure.com",
+            ),
+        ):
+            started = time.perf_counter()
+            replies = await asyncio.gather(
+                *(world.get_token(source, resource) for _ in range(concurrency))
+            )
+            elapsed = time.perf_counter() - started
+            ok = sum(r.status == 200 for r in replies)
+            print(
+                f"   {label}: {ok}/{concurrency} answered 200 in {elapsed * 1000:.0f} ms, "
+                f"upstream calls: {counter[(client_id, resource)]}, "
+                f"distinct tokens handed out: {len({r.token for r in replies})}"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    ns = parser.parse_args()
+    asyncio.run(main(ns.requests, ns.concurrency))

@@ -1,0 +1,181 @@
+"""Proxying, /host/token, managed mode, readiness and bad input."""
+
+import asyncio
+import json
+import socket
+
+import aiohttp
+import jwt
+
+from nmi.config import OperationMode
+from nmi.testing.world import LoopbackWorld
+
+
+def appid(token: str) -> str:
+    return str(jwt.decode(token, options={"verify_signature": False})["appid"])
+
+
+async def test_other_metadata_paths_are_proxied_cleanly(running: LoopbackWorld) -> None:
+    pod = running.add_pod("meta")
+    await running.pod_visible(pod)
+    ip = running.pod_ip(pod)
+    reply = await running.request(
+        ip,
+        "/metadata/instance?api-version=2021-02-01",
+        headers={"Metadata": "true", "Connection": "keep-alive, X-Custom", "X-Custom": "drop-me"},
+    )
+    assert reply.status == 200, reply.body
+    assert "compute" in reply.body
+    last = running.imds.requests[-1]
+    sent = {k.lower() for k in last.headers}
+    assert "x-forwarded-for" not in sent and "x-custom" not in sent
+    # the IMDS rejects X-Forwarded-For; nmi never adds one, so a plain request succeeds
+    reply = await running.request(ip, "/metadata/versions", headers={"Metadata": "true"})
+    assert reply.status == 200
+    # other identity paths are never proxied to the node's IMDS
+    before = running.imds.http_requests_total
+    for path in (
+        "/metadata/identity/issuecredential",
+        "/metadata/identity/getplatformmetadata",
+        "/metadata/identity\\oauth2\\token",
+        "/metadata/instance/../identity/oauth2/token",
+    ):
+        reply = await running.request(ip, path, headers={"Metadata": "true"})
+        assert reply.status == 404, path
+        assert reply.body["error"] == "not_found"
+    assert running.imds.http_requests_total == before
+
+
+async def test_block_instance_metadata(world: LoopbackWorld) -> None:
+    await world.start_daemon(block_instance_metadata=True)
+    pod = world.add_pod("blocked")
+    await world.pod_visible(pod)
+    reply = await world.request(
+        world.pod_ip(pod),
+        "/metadata/instance/compute?api-version=2021-02-01",
+        headers={"Metadata": "true"},
+    )
+    assert reply.status == 403 and reply.body["error"] == "forbidden"
+    assert "unreachable" not in str(reply.body)
+
+
+async def test_proxy_upstream_down_is_json_502(running: LoopbackWorld) -> None:
+    pod = running.add_pod("down")
+    await running.pod_visible(pod)
+    await running.imds.stop()
+    reply = await running.request(
+        running.pod_ip(pod),
+        "/metadata/instance?api-version=2021-02-01",
+        headers={"Metadata": "true"},
+    )
+    assert reply.status == 502 and reply.body["error"] == "bad_gateway"
+
+
+async def test_token_path_method_and_api_version_errors(running: LoopbackWorld) -> None:
+    ip = "127.0.0.200"
+    reply = await running.request(
+        ip,
+        "/metadata/identity/oauth2/token?resource=x",
+        method="POST",
+        headers={"Metadata": "true"},
+    )
+    assert reply.status == 405 and reply.body["error"] == "method_not_allowed"
+    reply = await running.request(
+        ip, "/metadata/identity/oauth2/token?resource=x", headers={"Metadata": "true"}
+    )
+    assert reply.status == 400 and reply.body["newest-versions"] == ["2018-02-01"]
+    reply = await running.request(
+        ip, "/metadata/identity/oauth2/token?api-version=2018-02-01", headers={"Metadata": "true"}
+    )
+    assert reply.status == 400 and "resource" in reply.body["error_description"]
+
+
+async def test_host_token(running: LoopbackWorld) -> None:
+    ident = running.add_user_assigned_identity("host-id")
+    pod = running.add_pod("csi-client", selector=ident.selector)
+    running.assign(pod, ident)
+    await running.pod_visible(pod)
+    await running.synced(lambda idx: bool(idx.assignments("default", "csi-client")))
+    target = "/host/token/?resource=https://vault.azure.net"
+    reply = await running.request(
+        "127.0.0.1", target, headers={"podns": "default", "podname": "csi-client"}
+    )
+    assert reply.status == 200, reply.body
+    assert reply.body["clientid"] == ident.client_id
+    assert appid(reply.body["token"]["access_token"]) == ident.client_id
+    reply = await running.request("127.0.0.1", target)
+    assert reply.status == 400
+    reply = await running.request(
+        running.pod_ip(pod), target, headers={"podns": "default", "podname": "csi-client"}
+    )
+    assert reply.status == 403
+
+
+async def test_managed_mode(world: LoopbackWorld) -> None:
+    await world.start_daemon(operation_mode=OperationMode.MANAGED)
+    ident = world.add_user_assigned_identity("managed-id", namespace="team-a", selector="web")
+    other = world.add_user_assigned_identity("other-ns-id", namespace="team-b", selector="web")
+    pod = world.add_pod("web", namespace="team-a", selector="web")
+    await world.pod_visible(pod)
+    await world.synced(lambda idx: len(idx.bindings_with_selector("web")) == 2)
+    reply = await world.get_token(world.pod_ip(pod))
+    assert reply.status == 200, reply.body
+    assert appid(reply.token) == ident.client_id
+    reply = await world.get_token(world.pod_ip(pod), client_id=other.client_id)
+    assert reply.status == 400 and reply.body["error_description"] == "Identity not found"
+
+
+async def test_not_ready_until_first_sync(world: LoopbackWorld) -> None:
+    await world.kube.stop()
+    from nmi.app import Daemon
+
+    daemon = Daemon(world.settings())
+    starting = asyncio.create_task(daemon.start())
+    try:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.wait_for(daemon.probes.listening.wait(), 10)
+            url = f"http://127.0.0.1:{daemon.probes.port}"
+            async with session.get(f"{url}/healthz") as resp:
+                assert resp.status == 200
+            async with session.get(f"{url}/readyz") as resp:
+                assert resp.status == 503
+                assert "watches" in (await resp.json())["failing"]
+            assert not starting.done()
+            await world.kube.start()
+            await asyncio.wait_for(asyncio.shield(starting), 30)
+            async with session.get(f"{url}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await daemon.stop()
+
+
+async def test_garbage_requests_get_json_and_service_continues(running: LoopbackWorld) -> None:
+    ident = running.add_user_assigned_identity("steady-id")
+    pod = running.add_pod("steady", selector=ident.selector)
+    running.assign(pod, ident)
+    await running.pod_visible(pod)
+    await running.synced(lambda idx: bool(idx.assignments("default", "steady")))
+    assert running.daemon is not None
+    port = running.daemon.port
+    garbage = [
+        b"GET /metadata/identity/oauth2/token?resource=%zz&api-version=2018-02-01 HTTP/1.1\r\n"
+        b"Host: x\r\nMetadata: true\r\n\r\n",
+        b"GET /metadata/identity/oauth2/token?" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"BREW /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x00\x01\x02garbage\r\n\r\n",
+        b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for raw in garbage:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, family=socket.AF_INET)
+        writer.write(raw)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1].startswith(b"4"), (raw[:40], data[:80])
+        assert b"application/json" in head
+        assert json.loads(body)["error"] in ("invalid_request", "not_found", "method_not_allowed")
+    reply = await running.get_token(running.pod_ip(pod))
+    assert reply.status == 200
