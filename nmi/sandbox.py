@@ -96,8 +96,8 @@ async def demo(*, once: bool, port: int) -> int:
         )
         print(
             f"\nupstream IMDS calls for that identity and resource: "
-            f"{world.imds.token_requests[(identity.client_id, RESOURCE)]} (the second request was a "
-            "cache hit)"
+            f"{world.imds.token_requests[(identity.client_id, RESOURCE)]} "
+            "(the second request was a cache hit)"
         )
         print(
             "\n"

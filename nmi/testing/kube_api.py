@@ -52,6 +52,7 @@ import builtins
 import collections
 import copy
 import datetime
+import errno
 import hmac
 import ipaddress
 import json
@@ -92,6 +93,13 @@ _KUBE_VERSION = {
 _PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
 _INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 _MAIN_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+_BINDING_SUCCESS: JSON = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Success",
+    "code": 201,
+}
 _TOO_LARGE_RV_WAIT = 3.0  # seconds the real cacher waits for a future resourceVersion
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand alphabet
 
@@ -1463,22 +1471,52 @@ class KubeApiServer:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await runner.setup()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
+            sock = await self._bind()
             site = web.SockSite(runner, sock, ssl_context=self._ssl)
             await site.start()
         except BaseException:
-            import subprocess
-            print("DEBUG", subprocess.run(["ss","-tanpoe"],capture_output=True,text=True).stdout.replace("\n","\n") if True else "", self.port)
-            sock.close()
             await runner.cleanup()
             raise
         self.port = int(sock.getsockname()[1])
         self._runner = runner
         logger.info("kube API emulator listening on %s", self.url)
+
+    def _try_bind(self, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _bind(self) -> socket.socket:
+        if self.port == 0:
+            # A port from the kernel's ephemeral range could be taken by some outgoing
+            # connection while the server is down in restart(); pick one below it.
+            low = _ephemeral_port_floor()
+            for _ in range(50):
+                if low <= 10000:
+                    break
+                try:
+                    return self._try_bind(secrets.randbelow(low - 10000) + 10000)
+                except OSError:
+                    continue
+            return self._try_bind(0)
+        # Same port again (restart): ride out sockets of the previous life still closing.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            try:
+                return self._try_bind(self.port)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or loop.time() >= deadline:
+                    raise
+                logger.debug("port %d still in use, retrying", self.port)
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Close the listener and every open watch stream (state is kept)."""
@@ -2158,7 +2196,7 @@ class KubeApiServer:
         final["spec"] = {}
         self._commit("namespaces", "DELETED", final, ns_obj)
 
-    def _bind(self, namespace: str, name: str, body: JSON) -> None:
+    def _bind_pod(self, namespace: str, name: str, body: JSON) -> None:
         res = _BY_STORAGE["pods"]
         existing = self._objects["pods"].get((namespace, name))
         if existing is None:
@@ -2199,13 +2237,13 @@ class KubeApiServer:
             response = await self._route(request)
         except KubeApiError as e:
             logger.debug("%s %s -> %d %s", request.method, request.path_qs, e.code, e)
-            return web.json_response(e.status, status=e.code)
+            return self._json(e.status, e.code)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             logger.exception("kube API emulator failed on %s %s", request.method, request.path_qs)
             err = _internal(f"emulator error: {e!r}")
-            return web.json_response(err.status, status=500)
+            return self._json(err.status, 500)
         logger.debug("%s %s -> %d", request.method, request.path_qs, response.status)
         return response
 
@@ -2323,6 +2361,16 @@ class KubeApiServer:
                         "verbs": ["create"] if sub == "binding" else ["get", "patch", "update"],
                     }
                 )
+        if not group:
+            resources.append(
+                {
+                    "name": "bindings",
+                    "singularName": "binding",
+                    "namespaced": True,
+                    "kind": "Binding",
+                    "verbs": ["create"],
+                }
+            )
         out: JSON = {"kind": "APIResourceList"}
         if group:
             out["apiVersion"] = "v1"
@@ -2388,6 +2436,17 @@ class KubeApiServer:
             name = tail[0]
         if len(tail) == 2:
             sub = tail[1]
+        q = request.query
+        if (group, plural, name) == ("", "bindings", None) and namespace is not None:
+            # the legacy "bindings" resource: POST a Binding named after the pod
+            if request.method != "POST":
+                raise _method_not_allowed()
+            self._count("POST bindings")
+            body = await self._read_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
+                raise _bad_request("the body of the request must be a Binding object")
+            self._bind_pod(namespace, str(body["metadata"].get("name", "")), body)
+            return self._json(_BINDING_SUCCESS, 201)
         res = _BY_GVR.get((group, version, plural))
         if res is None or (namespace is not None and not res.namespaced):
             raise _resource_not_found()
@@ -2395,7 +2454,6 @@ class KubeApiServer:
             raise _resource_not_found()
         if sub is not None and sub not in res.subresources:
             raise _resource_not_found()
-        q = request.query
         method = request.method
         counted = res.plural + (f"/{sub}" if sub else "")
         dry_run = q.get("dryRun") == "All"
@@ -2405,7 +2463,7 @@ class KubeApiServer:
                     self._count(f"WATCH {counted}")
                     return await self._watch(request, res, namespace)
                 self._count(f"LIST {counted}")
-                return self._list_response(res, namespace, q)
+                return await self._list_response(res, namespace, q)
             if method == "POST" and (namespace is not None or not res.namespaced):
                 self._count(f"POST {counted}")
                 body = self._check_type(res, await self._read_body(request))
@@ -2428,17 +2486,8 @@ class KubeApiServer:
             if not isinstance(body, dict):
                 raise _bad_request("the body of the request must be a Binding object")
             assert namespace is not None
-            self._bind(namespace, name, body)
-            return self._json(
-                {
-                    "kind": "Status",
-                    "apiVersion": "v1",
-                    "metadata": {},
-                    "status": "Success",
-                    "code": 201,
-                },
-                201,
-            )
+            self._bind_pod(namespace, name, body)
+            return self._json(_BINDING_SUCCESS, 201)
         if method == "GET":
             if _flag(q.get("watch")):
                 self._count(f"WATCH {counted}")
@@ -2484,7 +2533,7 @@ class KubeApiServer:
     def _list_kind(self, res: _Resource) -> str:
         return f"{res.kind}List"
 
-    def _list_response(
+    async def _list_response(
         self, res: _Resource, namespace: str | None, q: Mapping[str, str]
     ) -> web.Response:
         flt = _Filter.build(res, namespace, q.get("labelSelector"), q.get("fieldSelector"))
@@ -2492,10 +2541,10 @@ class KubeApiServer:
         rv_match = q.get("resourceVersionMatch") or None
         if rv_match not in (None, "Exact", "NotOlderThan"):
             raise _bad_request(f'invalid resourceVersionMatch: "{rv_match}"')
-        if rv_param and rv_param != "0" and rv_match != "Exact":
+        if rv_param and rv_param != "0" and rv_match != "Exact" and not q.get("continue"):
             wanted = _parse_rv(rv_param)
             if wanted > self._rv:
-                raise _too_large_rv(wanted, self._rv)
+                await self._wait_rv(wanted, _TOO_LARGE_RV_WAIT)
         page = self._list(
             flt, rv_param, rv_match, _parse_int(q.get("limit"), "limit"), q.get("continue")
         )
@@ -2660,6 +2709,14 @@ class KubeApiServer:
                 self._watchers.discard(watcher)
                 self._notify()
         return response
+
+
+def _ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -375,6 +375,18 @@ class LoopbackWorld:
                     return
                 raise TimeoutError("the daemon's cluster view did not reach the expected state")
 
+    async def binding_visible(self, identity: Identity) -> None:
+        """Wait until nmi sees the identity and its binding (they arrive on other watches)."""
+        await self.synced(
+            lambda index: (
+                index.identity(identity.namespace, identity.name) is not None
+                and any(
+                    b.meta.namespace == identity.namespace
+                    for b in index.bindings_with_selector(identity.selector)
+                )
+            )
+        )
+
     async def pod_visible(self, pod: dict[str, Any]) -> None:
         ip = self.pod_ip(pod)
         await self.synced(lambda index: bool(index.pods_with_ip(ip)))

@@ -27,11 +27,12 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
-from .model import Token
+from .model import Token, UpstreamError
 
 log = logging.getLogger(__name__)
 
-SERVE_FLOOR = 330  # seconds of validity a served token must still have (> 5 minutes)
+CLIENT_EXPIRY_MARGIN = 300  # SDKs treat tokens with 5 minutes or less left as expired
+SERVE_FLOOR = 330  # seconds a cached token must still have to be served
 MIN_REFRESH_LEAD = 600  # refresh at least this long before SERVE_FLOOR is reached
 RETRY_REFRESH_AFTER = 30.0  # after a failed or useless refresh
 
@@ -100,6 +101,15 @@ class TokenCache:
             raise
         finally:
             self._flights.pop(key, None)
+        if token.expires_on - self._clock() <= CLIENT_EXPIRY_MARGIN:
+            # Clients would treat it as expired and ask again at once.
+            raise UpstreamError(
+                error="token_expires_too_soon",
+                description="the upstream returned a token with 5 minutes or less left",
+                status=None,
+                retryable=True,
+                retry_after=5,
+            )
         if background:
             self.refreshes += 1
         self._store(key, token)

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from ..config import DEFAULT_AUTHORITY, Settings
+from ..config import DEFAULT_AUTHORITY, KNOWN_AUTHORITY_HOSTS, Settings
 from ..kube.objects import AzureIdentity, Secret
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")
@@ -84,8 +84,6 @@ def authority_for(identity: AzureIdentity, settings: Settings) -> Authority:
     if not tenant or not _TENANT.match(tenant):
         raise CredentialError("spec.tenantID is missing or not a tenant id or domain")
     bare = parts.hostname.lower()
-    from ..config import KNOWN_AUTHORITY_HOSTS
-
     return Authority(
         url=f"https://{host}/{tenant}", host=host, known_cloud=bare in KNOWN_AUTHORITY_HOSTS
     )

@@ -41,16 +41,37 @@ SECRET = "s3cr3t~value.for-the-emulator"
 ARM = "https://management.azure.com"
 VAULT = "https://vault.azure.net"
 
-UA1 = ("11111111-aaaa-4bbb-8ccc-000000000001", "22222222-aaaa-4bbb-8ccc-000000000001",
-       "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/"
-       "userAssignedIdentities/ua1")
-UA2 = ("11111111-aaaa-4bbb-8ccc-000000000002", "22222222-aaaa-4bbb-8ccc-000000000002",
-       "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/"
-       "userAssignedIdentities/ua2")
-TOKEN_KEYS = {"access_token", "client_id", "expires_in", "expires_on", "ext_expires_in",
-              "not_before", "resource", "token_type"}
-AADSTS_KEYS = {"error", "error_description", "error_codes", "timestamp", "trace_id",
-               "correlation_id", "error_uri"}
+UA1 = (
+    "11111111-aaaa-4bbb-8ccc-000000000001",
+    "22222222-aaaa-4bbb-8ccc-000000000001",
+    "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/"
+    "userAssignedIdentities/ua1",
+)
+UA2 = (
+    "11111111-aaaa-4bbb-8ccc-000000000002",
+    "22222222-aaaa-4bbb-8ccc-000000000002",
+    "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/"
+    "userAssignedIdentities/ua2",
+)
+TOKEN_KEYS = {
+    "access_token",
+    "client_id",
+    "expires_in",
+    "expires_on",
+    "ext_expires_in",
+    "not_before",
+    "resource",
+    "token_type",
+}
+AADSTS_KEYS = {
+    "error",
+    "error_description",
+    "error_codes",
+    "timestamp",
+    "trace_id",
+    "correlation_id",
+    "error_uri",
+}
 
 CcaFactory = Callable[..., Awaitable[Any]]
 
@@ -75,12 +96,21 @@ def make_assertion(
     algorithm: str = "RS256",
 ) -> str:
     now = time.time()
-    claims: dict[str, Any] = {"aud": aud, "iss": iss, "sub": iss, "exp": now + exp_in,
-                              "iat": now + nbf_in, "nbf": now + nbf_in}
+    claims: dict[str, Any] = {
+        "aud": aud,
+        "iss": iss,
+        "sub": iss,
+        "exp": now + exp_in,
+        "iat": now + nbf_in,
+        "nbf": now + nbf_in,
+    }
     if jti is not None:
         claims["jti"] = str(uuid.uuid4()) if jti == "random" else jti
-    headers = ({"x5t#S256": b64url(cert.thumbprint_sha256)} if algorithm == "PS256"
-               else {"x5t": b64url(cert.thumbprint_sha1)})
+    headers = (
+        {"x5t#S256": b64url(cert.thumbprint_sha256)}
+        if algorithm == "PS256"
+        else {"x5t": b64url(cert.thumbprint_sha1)}
+    )
     return jwt.encode(claims, (sign_with or cert).key_pem, algorithm=algorithm, headers=headers)
 
 
@@ -119,8 +149,13 @@ async def aad(
     server = AzureAdServer(ca=ca, signer=signer)
     server.add_tenant(TENANT)
     server.add_tenant(OTHER_TENANT)
-    server.add_app(tenant_id=TENANT, client_id=CLIENT, secrets=[SECRET],
-                   certificates=[sp_cert.cert_pem], object_id=OBJECT_ID)
+    server.add_app(
+        tenant_id=TENANT,
+        client_id=CLIENT,
+        secrets=[SECRET],
+        certificates=[sp_cert.cert_pem],
+        object_id=OBJECT_ID,
+    )
     await server.start()
     yield server
     await server.stop()
@@ -131,16 +166,22 @@ def cca(aad: AzureAdServer, ca_bundle: Path) -> Iterator[CcaFactory]:
     """Build a real ConfidentialClientApplication (in a thread: it does discovery)."""
     sessions: list[requests.Session] = []
 
-    async def factory(credential: Any, *, client_id: str = CLIENT, tenant: str = TENANT,
-                      **kwargs: Any) -> Any:
+    async def factory(
+        credential: Any, *, client_id: str = CLIENT, tenant: str = TENANT, **kwargs: Any
+    ) -> Any:
         session = requests.Session()
         session.verify = str(ca_bundle)
         session.trust_env = False  # REQUESTS_CA_BUNDLE would override session.verify
         sessions.append(session)
         kwargs.setdefault("instance_discovery", False)
         build = functools.partial(
-            msal.ConfidentialClientApplication, client_id, authority=f"{aad.url}/{tenant}",
-            client_credential=credential, http_client=session, **kwargs)
+            msal.ConfidentialClientApplication,
+            client_id,
+            authority=f"{aad.url}/{tenant}",
+            client_credential=credential,
+            http_client=session,
+            **kwargs,
+        )
         return await asyncio.to_thread(build)
 
     yield factory
@@ -150,7 +191,8 @@ def cca(aad: AzureAdServer, ca_bundle: Path) -> Iterator[CcaFactory]:
 
 async def acquire(app: Any, resource: str) -> dict[str, Any]:
     result: dict[str, Any] = await asyncio.to_thread(
-        app.acquire_token_for_client, scopes=[f"{resource}/.default"])
+        app.acquire_token_for_client, scopes=[f"{resource}/.default"]
+    )
     return result
 
 
@@ -162,27 +204,39 @@ async def https(ca: CertificateAuthority) -> AsyncIterator[aiohttp.ClientSession
 
 
 async def post_token(
-    https: aiohttp.ClientSession, aad: AzureAdServer, data: dict[str, str], *,
-    tenant: str = TENANT, headers: dict[str, str] | None = None,
+    https: aiohttp.ClientSession,
+    aad: AzureAdServer,
+    data: dict[str, str],
+    *,
+    tenant: str = TENANT,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], Any]:
     async with https.post(token_url(aad, tenant), data=data, headers=headers) as resp:
         return resp.status, await resp.json(), resp.headers
 
 
 def secret_form(**overrides: str) -> dict[str, str]:
-    form = {"grant_type": "client_credentials", "client_id": CLIENT,
-            "scope": f"{ARM}/.default", "client_secret": SECRET}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": CLIENT,
+        "scope": f"{ARM}/.default",
+        "client_secret": SECRET,
+    }
     form.update(overrides)
     return {k: v for k, v in form.items() if v != ""}
 
 
-def assert_aadsts(status: int, body: dict[str, Any], expected_status: int, error: str,
-                  code: int) -> None:
+def assert_aadsts(
+    status: int, body: dict[str, Any], expected_status: int, error: str, code: int
+) -> None:
     assert (status, body["error"], body["error_codes"]) == (expected_status, error, [code]), body
     assert set(body) == AADSTS_KEYS
-    assert re.match(rf"AADSTS{code}: .+\r\nTrace ID: [0-9a-f-]{{36}}\r\nCorrelation ID: "
-                    r"[0-9a-f-]{36}\r\nTimestamp: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$",
-                    body["error_description"], re.S), body["error_description"]
+    assert re.match(
+        rf"AADSTS{code}: .+\r\nTrace ID: [0-9a-f-]{{36}}\r\nCorrelation ID: "
+        r"[0-9a-f-]{36}\r\nTimestamp: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$",
+        body["error_description"],
+        re.S,
+    ), body["error_description"]
     assert body["error_uri"].endswith(f"/error?code={code}")
 
 
@@ -207,12 +261,25 @@ async def test_secret_grant_issues_a_verifiable_v1_app_token(
     async with https.get(config["jwks_uri"]) as resp:
         jwks = jwt.PyJWKSet.from_dict(await resp.json())
     kid = jwt.get_unverified_header(result["access_token"])["kid"]
-    claims = jwt.decode(result["access_token"], jwks[kid].key, algorithms=["RS256"],
-                        audience=ARM, issuer=f"https://sts.windows.net/{TENANT}/")
-    assert {k: claims[k] for k in ("appid", "azp", "oid", "sub", "tid", "idtyp", "ver",
-                                   "appidacr")} == {
-        "appid": CLIENT, "azp": CLIENT, "oid": OBJECT_ID, "sub": OBJECT_ID, "tid": TENANT,
-        "idtyp": "app", "ver": "1.0", "appidacr": "1"}
+    claims = jwt.decode(
+        result["access_token"],
+        jwks[kid].key,
+        algorithms=["RS256"],
+        audience=ARM,
+        issuer=f"https://sts.windows.net/{TENANT}/",
+    )
+    assert {
+        k: claims[k] for k in ("appid", "azp", "oid", "sub", "tid", "idtyp", "ver", "appidacr")
+    } == {
+        "appid": CLIENT,
+        "azp": CLIENT,
+        "oid": OBJECT_ID,
+        "sub": OBJECT_ID,
+        "tid": TENANT,
+        "idtyp": "app",
+        "ver": "1.0",
+        "appidacr": "1",
+    }
     assert claims["uti"] and abs(claims["exp"] - time.time() - 3599) < 30
     assert claims["nbf"] <= time.time()
 
@@ -220,7 +287,8 @@ async def test_secret_grant_issues_a_verifiable_v1_app_token(
     assert again["token_source"] == "cache"
     slash = await acquire(app, "https://vault.azure.net/")  # scope ".../ /.default"
     assert jwt.decode(slash["access_token"], options={"verify_signature": False})["aud"] == (
-        "https://vault.azure.net/")
+        "https://vault.azure.net/"
+    )
     assert aad.token_requests == {(CLIENT, ARM): 1, (CLIENT, "https://vault.azure.net/"): 1}
     assert aad.issued == aad.token_requests
     assert aad.requests_total == 2
@@ -237,7 +305,8 @@ async def test_wrong_secret_is_invalid_client_7000215(
 
     request_id = str(uuid.uuid4())
     status, body, headers = await post_token(
-        https, aad, secret_form(client_secret="wrong"), headers={"client-request-id": request_id})
+        https, aad, secret_form(client_secret="wrong"), headers={"client-request-id": request_id}
+    )
     assert_aadsts(status, body, 401, "invalid_client", 7000215)
     assert body["correlation_id"] == request_id == headers["client-request-id"]
     assert headers["Content-Type"] == "application/json; charset=utf-8"
@@ -250,14 +319,20 @@ async def test_client_secret_in_http_basic_auth(
     aad: AzureAdServer, https: aiohttp.ClientSession
 ) -> None:
     def basic(user: str, password: str) -> dict[str, str]:
-        return {"Authorization": "Basic " + base64.b64encode(
-            f"{quote_plus(user)}:{quote_plus(password)}".encode()).decode()}
+        return {
+            "Authorization": "Basic "
+            + base64.b64encode(f"{quote_plus(user)}:{quote_plus(password)}".encode()).decode()
+        }
 
     form = {"grant_type": "client_credentials", "scope": f"{VAULT}/.default"}
     async with https.post(token_url(aad), data=form, headers=basic(CLIENT, SECRET)) as resp:
         assert resp.status == 200
-        assert set(await resp.json()) == {"token_type", "expires_in", "ext_expires_in",
-                                          "access_token"}
+        assert set(await resp.json()) == {
+            "token_type",
+            "expires_in",
+            "ext_expires_in",
+            "access_token",
+        }
     async with https.post(token_url(aad), data=form, headers=basic(CLIENT, "wr:ng")) as resp:
         assert_aadsts(resp.status, await resp.json(), 401, "invalid_client", 7000215)
 
@@ -273,8 +348,9 @@ async def test_certificate_assertion_is_verified_and_accepted(
         credential["public_certificate"] = sp_cert.cert_pem.decode()
     result = await acquire(await cca(credential), VAULT)
     assert "access_token" in result, result
-    claims = jwt.decode(result["access_token"], aad.signer.public_key, algorithms=["RS256"],
-                        audience=VAULT)
+    claims = jwt.decode(
+        result["access_token"], aad.signer.public_key, algorithms=["RS256"], audience=VAULT
+    )
     assert claims["appidacr"] == "2"
     assert aad.last_assertion_claims is not None and aad.last_assertion_header is not None
     assert aad.last_assertion_claims["aud"] == token_url(aad)
@@ -289,19 +365,29 @@ async def test_certificate_assertion_is_verified_and_accepted(
 
 
 async def test_assertion_from_unregistered_or_spoofed_certificate_is_rejected(
-    aad: AzureAdServer, cca: CcaFactory, https: aiohttp.ClientSession,
-    sp_cert: ClientCertificate, rogue_cert: ClientCertificate,
+    aad: AzureAdServer,
+    cca: CcaFactory,
+    https: aiohttp.ClientSession,
+    sp_cert: ClientCertificate,
+    rogue_cert: ClientCertificate,
 ) -> None:
-    rogue = {"private_key": rogue_cert.key_pem.decode(),
-             "thumbprint": rogue_cert.thumbprint_sha1.hex()}
+    rogue = {
+        "private_key": rogue_cert.key_pem.decode(),
+        "thumbprint": rogue_cert.thumbprint_sha1.hex(),
+    }
     result = await acquire(await cca(rogue), VAULT)
     assert (result["error"], result["error_codes"]) == ("invalid_client", [700027])
     assert "not registered on application" in result["error_description"]
 
     # The registered thumbprint in the header, but signed by another key.
     spoofed = make_assertion(sp_cert, aud=token_url(aad), sign_with=rogue_cert)
-    form = {"grant_type": "client_credentials", "client_id": CLIENT, "scope": f"{ARM}/.default",
-            "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT, "client_assertion": spoofed}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": CLIENT,
+        "scope": f"{ARM}/.default",
+        "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT,
+        "client_assertion": spoofed,
+    }
     status, body, _ = await post_token(https, aad, form)
     assert_aadsts(status, body, 401, "invalid_client", 700027)
     assert "invalid signature" in body["error_description"]
@@ -320,20 +406,39 @@ async def test_assertion_from_unregistered_or_spoofed_certificate_is_rejected(
         ({"iss": "someone-else"}, 401, 700021),
         ({"jti": None}, 401, 50027),
     ],
-    ids=["ok", "ps256", "v1-audience", "expired", "not-yet-valid", "wrong-audience",
-         "wrong-issuer", "no-jti"],
+    ids=[
+        "ok",
+        "ps256",
+        "v1-audience",
+        "expired",
+        "not-yet-valid",
+        "wrong-audience",
+        "wrong-issuer",
+        "no-jti",
+    ],
 )
 async def test_assertion_claims_are_checked(
-    aad: AzureAdServer, https: aiohttp.ClientSession, sp_cert: ClientCertificate,
-    kwargs: dict[str, Any], status: int, code: int | None,
+    aad: AzureAdServer,
+    https: aiohttp.ClientSession,
+    sp_cert: ClientCertificate,
+    kwargs: dict[str, Any],
+    status: int,
+    code: int | None,
 ) -> None:
-    audiences = {"v1": f"{aad.url}/{TENANT}/oauth2/token",
-                 "other-tenant": token_url(aad, OTHER_TENANT)}
+    audiences = {
+        "v1": f"{aad.url}/{TENANT}/oauth2/token",
+        "other-tenant": token_url(aad, OTHER_TENANT),
+    }
     kwargs = dict(kwargs)
     kwargs["aud"] = audiences.get(kwargs.get("aud", ""), token_url(aad))
     assertion = make_assertion(sp_cert, **kwargs)
-    form = {"grant_type": "client_credentials", "client_id": CLIENT, "scope": f"{ARM}/.default",
-            "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT, "client_assertion": assertion}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": CLIENT,
+        "scope": f"{ARM}/.default",
+        "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT,
+        "client_assertion": assertion,
+    }
     got_status, body, _ = await post_token(https, aad, form)
     if code is None:
         assert got_status == 200, body
@@ -342,12 +447,15 @@ async def test_assertion_claims_are_checked(
 
 
 async def test_assertion_reuse_follows_entra_and_replay_rejection_is_a_knob(
-    aad: AzureAdServer, cca: CcaFactory, https: aiohttp.ClientSession,
+    aad: AzureAdServer,
+    cca: CcaFactory,
+    https: aiohttp.ClientSession,
     sp_cert: ClientCertificate,
 ) -> None:
     # MSAL reuses one assertion for ~9 minutes across resources; Entra ID accepts that.
-    app = await cca({"private_key": sp_cert.key_pem.decode(),
-                     "thumbprint": sp_cert.thumbprint_sha1.hex()})
+    app = await cca(
+        {"private_key": sp_cert.key_pem.decode(), "thumbprint": sp_cert.thumbprint_sha1.hex()}
+    )
     assert "access_token" in await acquire(app, ARM)
     assert aad.last_assertion_claims is not None
     first_jti = aad.last_assertion_claims["jti"]
@@ -355,9 +463,13 @@ async def test_assertion_reuse_follows_entra_and_replay_rejection_is_a_knob(
     assert aad.last_assertion_claims["jti"] == first_jti
 
     aad.reject_replayed_assertions = True
-    form = {"grant_type": "client_credentials", "client_id": CLIENT, "scope": f"{ARM}/.default",
-            "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT,
-            "client_assertion": make_assertion(sp_cert, aud=token_url(aad))}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": CLIENT,
+        "scope": f"{ARM}/.default",
+        "client_assertion_type": CLIENT_ASSERTION_TYPE_JWT,
+        "client_assertion": make_assertion(sp_cert, aud=token_url(aad)),
+    }
     status, body, _ = await post_token(https, aad, form)
     assert status == 200, body
     status, body, _ = await post_token(https, aad, form)
@@ -386,27 +498,49 @@ async def test_unknown_resource_through_msal(aad: AzureAdServer, cca: CcaFactory
 @pytest.mark.parametrize(
     ("form", "status", "error", "code"),
     [
-        (secret_form(scope="https://nothing.example.com/.default"), 400, "invalid_resource",
-         500011),
+        (
+            secret_form(scope="https://nothing.example.com/.default"),
+            400,
+            "invalid_resource",
+            500011,
+        ),
         (secret_form(scope=f"{ARM}/user_impersonation"), 400, "invalid_scope", 70011),
         (secret_form(scope=f"{ARM}/.default {VAULT}/.default"), 400, "invalid_scope", 70011),
         (secret_form(grant_type="password"), 400, "unsupported_grant_type", 70003),
         (secret_form(grant_type=""), 400, "invalid_request", 900144),
         (secret_form(scope=""), 400, "invalid_request", 900144),
         (secret_form(client_id=""), 400, "invalid_request", 900144),
-        (secret_form(client_id="00000000-0000-0000-0000-000000000000"), 400,
-         "unauthorized_client", 700016),
+        (
+            secret_form(client_id="00000000-0000-0000-0000-000000000000"),
+            400,
+            "unauthorized_client",
+            700016,
+        ),
         (secret_form(client_secret=""), 401, "invalid_client", 7000218),
         (secret_form(scope=f"api://{CLIENT}/.default"), 200, None, None),
         (secret_form(scope=f"{ARM}//.default"), 200, None, None),
     ],
-    ids=["unknown-resource", "not-default-scope", "two-scopes", "password-grant",
-         "no-grant-type", "no-scope", "no-client-id", "unknown-client", "no-credential",
-         "app-id-uri-resource", "trailing-slash-resource"],
+    ids=[
+        "unknown-resource",
+        "not-default-scope",
+        "two-scopes",
+        "password-grant",
+        "no-grant-type",
+        "no-scope",
+        "no-client-id",
+        "unknown-client",
+        "no-credential",
+        "app-id-uri-resource",
+        "trailing-slash-resource",
+    ],
 )
 async def test_token_request_validation(
-    aad: AzureAdServer, https: aiohttp.ClientSession, form: dict[str, str], status: int,
-    error: str | None, code: int | None,
+    aad: AzureAdServer,
+    https: aiohttp.ClientSession,
+    form: dict[str, str],
+    status: int,
+    error: str | None,
+    code: int | None,
 ) -> None:
     got_status, body, headers = await post_token(https, aad, form)
     if code is None:
@@ -417,9 +551,7 @@ async def test_token_request_validation(
         assert "Retry-After" not in headers
 
 
-async def test_token_endpoint_edge_cases(
-    aad: AzureAdServer, https: aiohttp.ClientSession
-) -> None:
+async def test_token_endpoint_edge_cases(aad: AzureAdServer, https: aiohttp.ClientSession) -> None:
     async with https.get(token_url(aad)) as resp:
         assert_aadsts(resp.status, await resp.json(), 400, "invalid_request", 900561)
     status, body, _ = await post_token(https, aad, secret_form(), tenant="common")
@@ -500,12 +632,15 @@ async def test_instance_discovery(
     app = await cca(SECRET, instance_discovery=f"{aad.url}/common/discovery/instance")
     assert "access_token" in await acquire(app, ARM)
 
-    query = {"api-version": "1.1",
-             "authorization_endpoint": f"{aad.url}/{TENANT}/oauth2/v2.0/authorize"}
+    query = {
+        "api-version": "1.1",
+        "authorization_endpoint": f"{aad.url}/{TENANT}/oauth2/v2.0/authorize",
+    }
     async with https.get(f"{aad.url}/common/discovery/instance", params=query) as resp:
         payload = await resp.json()
     assert payload["tenant_discovery_endpoint"] == (
-        f"{aad.url}/{TENANT}/v2.0/.well-known/openid-configuration")
+        f"{aad.url}/{TENANT}/v2.0/.well-known/openid-configuration"
+    )
     assert payload["api-version"] == "1.1"
     (metadata,) = payload["metadata"]
     assert set(metadata) == {"preferred_network", "preferred_cache", "aliases"}
@@ -530,10 +665,19 @@ async def imds(signer: TokenSigner) -> AsyncIterator[ImdsServer]:
 @pytest.fixture
 def mi_env(monkeypatch: pytest.MonkeyPatch, imds: ImdsServer) -> None:
     """Point managed-identity clients at the emulator, never at 169.254.169.254."""
-    for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT",
-                 "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET", "AZURE_CLIENT_ID",
-                 "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST",
-                 "AZURE_TOKEN_CREDENTIALS"):
+    for name in (
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "IDENTITY_SERVER_THUMBPRINT",
+        "IMDS_ENDPOINT",
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_AUTHORITY_HOST",
+        "AZURE_TOKEN_CREDENTIALS",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.url)
 
@@ -545,34 +689,40 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def imds_get(
-    http: aiohttp.ClientSession, imds: ImdsServer, target: str, *,
-    headers: dict[str, str] | None = None, method: str = "GET",
+    http: aiohttp.ClientSession,
+    imds: ImdsServer,
+    target: str,
+    *,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
 ) -> tuple[int, Any, Any]:
     url = URL(f"{imds.url}{target}", encoded=True)
-    async with http.request(method, url, headers={"Metadata": "true"} if headers is None
-                            else headers) as resp:
+    async with http.request(
+        method, url, headers={"Metadata": "true"} if headers is None else headers
+    ) as resp:
         text = await resp.text()
         body: Any = text if resp.content_type == "text/plain" else await resp.json()
         return resp.status, body, resp.headers
 
 
 def token_target(resource: str = ARM, **params: str) -> str:
-    query = "&".join(f"{k}={v}" for k, v in {"api-version": "2018-02-01", "resource": resource,
-                                             **params}.items())
+    query = "&".join(
+        f"{k}={v}" for k, v in {"api-version": "2018-02-01", "resource": resource, **params}.items()
+    )
     return f"/metadata/identity/oauth2/token?{query}"
 
 
-async def test_msal_managed_identity_client_gets_a_token(
-    imds: ImdsServer, mi_env: None
-) -> None:
+async def test_msal_managed_identity_client_gets_a_token(imds: ImdsServer, mi_env: None) -> None:
     session = requests.Session()
     session.trust_env = False
-    client = msal.ManagedIdentityClient(msal.UserAssignedManagedIdentity(client_id=UA1[0]),
-                                        http_client=session)
+    client = msal.ManagedIdentityClient(
+        msal.UserAssignedManagedIdentity(client_id=UA1[0]), http_client=session
+    )
     result = await asyncio.to_thread(client.acquire_token_for_client, resource=ARM)
     assert result["token_type"] == "Bearer"
-    claims = jwt.decode(result["access_token"], imds.signer.public_key, algorithms=["RS256"],
-                        audience=ARM)
+    claims = jwt.decode(
+        result["access_token"], imds.signer.public_key, algorithms=["RS256"], audience=ARM
+    )
     assert (claims["appid"], claims["oid"], claims["xms_mirid"]) == UA1
     assert claims["iss"] == f"https://sts.windows.net/{imds.tenant_id}/"
     assert 86000 < result["expires_in"] <= 86399
@@ -593,16 +743,15 @@ async def test_msal_managed_identity_client_gets_a_token(
     failed = await asyncio.to_thread(client.acquire_token_for_client, resource=VAULT)
     assert failed["error"] == "unknown"
 
-    unknown = msal.ManagedIdentityClient(msal.UserAssignedManagedIdentity(client_id=UA2[0]),
-                                         http_client=session)
+    unknown = msal.ManagedIdentityClient(
+        msal.UserAssignedManagedIdentity(client_id=UA2[0]), http_client=session
+    )
     missing = await asyncio.to_thread(unknown.acquire_token_for_client, resource=ARM)
     assert missing == {"error": "invalid_request", "error_description": "Identity not found"}
     session.close()
 
 
-async def test_azure_identity_managed_identity_credential(
-    imds: ImdsServer, mi_env: None
-) -> None:
+async def test_azure_identity_managed_identity_credential(imds: ImdsServer, mi_env: None) -> None:
     from azure.identity import ManagedIdentityCredential
 
     imds.add_user_assigned(client_id=UA2[0], object_id=UA2[1], resource_id=UA2[2])
@@ -654,10 +803,14 @@ async def test_identity_selection(imds: ImdsServer, http: aiohttp.ClientSession)
     assert (status, body["client_id"]) == (200, UA1[0])
 
     imds.add_user_assigned(client_id=UA2[0], object_id=UA2[1], resource_id=UA2[2])
-    assert await pick() == (400, {
-        "error": "invalid_request",
-        "error_description": "Multiple user assigned identities exist, please specify the "
-                             "clientId / resourceId of the identity in the token request"})
+    assert await pick() == (
+        400,
+        {
+            "error": "invalid_request",
+            "error_description": "Multiple user assigned identities exist, please specify the "
+            "clientId / resourceId of the identity in the token request",
+        },
+    )
     assert (await pick(client_id=UA2[0].upper()))[1]["client_id"] == UA2[0]
     assert (await pick(object_id=UA2[1]))[1]["client_id"] == UA2[0]
     assert (await pick(msi_res_id=UA2[2]))[1]["client_id"] == UA2[0]
@@ -667,8 +820,10 @@ async def test_identity_selection(imds: ImdsServer, http: aiohttp.ClientSession)
     status, body = await pick(client_id=UA1[0], msi_res_id=UA1[2])
     assert (status, body["error"]) == (400, "invalid_request")
 
-    imds.set_system_assigned(client_id="44444444-0000-0000-0000-000000000000",
-                             object_id="55555555-0000-0000-0000-000000000000")
+    imds.set_system_assigned(
+        client_id="44444444-0000-0000-0000-000000000000",
+        object_id="55555555-0000-0000-0000-000000000000",
+    )
     status, body = await pick()
     assert body["client_id"] == "44444444-0000-0000-0000-000000000000"
     claims = jwt.decode(body["access_token"], options={"verify_signature": False})
@@ -680,45 +835,62 @@ async def test_identity_selection(imds: ImdsServer, http: aiohttp.ClientSession)
 
 
 async def test_token_request_errors(imds: ImdsServer, http: aiohttp.ClientSession) -> None:
-    no_metadata = {"error": "invalid_request",
-                   "error_description": "Required metadata header not specified"}
+    no_metadata = {
+        "error": "invalid_request",
+        "error_description": "Required metadata header not specified",
+    }
     for target in (token_target(), "/metadata/identity/oauth2/token"):
         status, body, headers = await imds_get(http, imds, target, headers={})
         assert (status, body) == (400, no_metadata)
         assert "Retry-After" not in headers
     assert (await imds_get(http, imds, token_target(), headers={"Metadata": "false"}))[:2] == (
-        400, no_metadata)
+        400,
+        no_metadata,
+    )
 
     status, body, _ = await imds_get(http, imds, f"/metadata/identity/oauth2/token?resource={ARM}")
-    assert (status, body) == (400, {
-        "error": "Bad request. api-version was not specified in the request. For more "
-                 "information refer to aka.ms/azureimds",
-        "newest-versions": ["2018-02-01"]})
+    assert (status, body) == (
+        400,
+        {
+            "error": "Bad request. api-version was not specified in the request. For more "
+            "information refer to aka.ms/azureimds",
+            "newest-versions": ["2018-02-01"],
+        },
+    )
     status, body, _ = await imds_get(http, imds, "/metadata/identity/oauth2/token?api-version=x")
     assert status == 400 and "newest-versions" in body
     status, body, _ = await imds_get(
-        http, imds, "/metadata/identity/oauth2/token?api-version=2018-02-01")
+        http, imds, "/metadata/identity/oauth2/token?api-version=2018-02-01"
+    )
     assert (status, body["error"]) == (400, "invalid_request")
 
-    status, body, _ = await imds_get(http, imds, token_target(),
-                                     headers={"Metadata": "true", "X-Forwarded-For": "10.0.0.9"})
+    status, body, _ = await imds_get(
+        http, imds, token_target(), headers={"Metadata": "true", "X-Forwarded-For": "10.0.0.9"}
+    )
     assert (status, body["error"]) == (400, "invalid_request")
     assert "X-Forwarded-For" in body["error_description"]
 
     status, body, headers = await imds_get(http, imds, token_target("https://nope.example.com"))
     assert (status, body["error"], body["error_codes"]) == (400, "invalid_resource", [500011])
-    assert body["error_description"].startswith("AADSTS500011: The resource principal named "
-                                                "https://nope.example.com was not found")
+    assert body["error_description"].startswith(
+        "AADSTS500011: The resource principal named https://nope.example.com was not found"
+    )
     assert "Retry-After" not in headers
 
     assert (await imds_get(http, imds, token_target(), method="POST"))[0] == 405
-    for target in ("/metadata/identity/getplatformmetadata", "/metadata/identity/info",
-                   "/metadata/attested/document", "/somewhere/else"):
+    for target in (
+        "/metadata/identity/getplatformmetadata",
+        "/metadata/identity/info",
+        "/metadata/attested/document",
+        "/somewhere/else",
+    ):
         status, body, _ = await imds_get(http, imds, target)
         assert (status, body["error"]) == (404, "not_found"), target
     # msal-node's trailing slash and double leading slash are the token path too.
-    for target in ("/metadata/identity/oauth2/token/?api-version=2018-02-01&resource=" + ARM,
-                   "//metadata/identity/oauth2/token/?api-version=2018-02-01&resource=" + ARM):
+    for target in (
+        "/metadata/identity/oauth2/token/?api-version=2018-02-01&resource=" + ARM,
+        "//metadata/identity/oauth2/token/?api-version=2018-02-01&resource=" + ARM,
+    ):
         assert (await imds_get(http, imds, target))[0] == 200, target
     assert imds.issued[(UA1[0], ARM)] == 2
     assert not any("X-Forwarded-For" in r.headers for r in imds.requests[-3:])
@@ -766,22 +938,24 @@ async def test_imds_fail_next(imds: ImdsServer, http: aiohttp.ClientSession) -> 
 
 
 async def test_instance_metadata_paths(imds: ImdsServer, http: aiohttp.ClientSession) -> None:
-    status, body, headers = await imds_get(http, imds,
-                                           "/metadata/instance?api-version=2021-02-01")
+    status, body, headers = await imds_get(http, imds, "/metadata/instance?api-version=2021-02-01")
     assert status == 200 and headers["Server"].startswith("IMDS/")
     assert body["compute"]["vmScaleSetName"] == "aks-nodepool1-12345678-vmss"
     assert body["network"]["interface"][0]["ipv4"]["ipAddress"][0]["privateIpAddress"]
 
     status, body, _ = await imds_get(
-        http, imds, "/metadata/instance/compute?api-version=2021-02-01&format=json")
+        http, imds, "/metadata/instance/compute?api-version=2021-02-01&format=json"
+    )
     assert status == 200 and body["osType"] == "Linux"
     status, text, _ = await imds_get(
-        http, imds, "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
+        http, imds, "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
+    )
     assert (status, text) == (200, imds.instance_metadata["compute"]["vmId"])
     status, body, _ = await imds_get(http, imds, "/metadata/instance")
     assert status == 400 and body["newest-versions"]
-    status, body, _ = await imds_get(http, imds, "/metadata/instance?api-version=2021-02-01",
-                                     headers={})
+    status, body, _ = await imds_get(
+        http, imds, "/metadata/instance?api-version=2021-02-01", headers={}
+    )
     assert status == 400 and "metadata header" in body["error"]
 
     status, body, _ = await imds_get(http, imds, "/metadata/versions")

@@ -243,12 +243,14 @@ async def test_create_get_list_with_selectors(kube: KubeApiServer, api: client.A
     assert item["spec"]["AzureIdentityRef"]["spec"]["ClientID"] == "c-1"  # not pruned
     assert "status" not in item  # status subresource: ignored on create
 
-    kube.create({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "sp", "namespace": "default"},
-        "stringData": {"clientSecret": "s3cret"},
-    })
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "sp", "namespace": "default"},
+            "stringData": {"clientSecret": "s3cret"},
+        }
+    )
     secret = await core.read_namespaced_secret("sp", "default")
     assert secret.type == "Opaque"
     assert base64.b64decode(secret.data["clientSecret"]) == b"s3cret"
@@ -306,17 +308,23 @@ async def test_pagination_and_expired_continue(kube: KubeApiServer, api: client.
 
     kube.create(configmap("cm-5"))  # not in the snapshot the pages are served from
     kube.delete("v1", "ConfigMap", "cm-3", "default")
-    second = await core.list_namespaced_config_map("default", limit=2, _continue=first.metadata._continue)
+    second = await core.list_namespaced_config_map(
+        "default", limit=2, _continue=first.metadata._continue
+    )
     assert [c.metadata.name for c in second.items] == ["cm-2", "cm-3"]
     assert second.metadata.resource_version == first.metadata.resource_version
-    third = await core.list_namespaced_config_map("default", limit=2, _continue=second.metadata._continue)
+    third = await core.list_namespaced_config_map(
+        "default", limit=2, _continue=second.metadata._continue
+    )
     assert [c.metadata.name for c in third.items] == ["cm-4"]
     assert not third.metadata._continue
 
     again = await core.list_namespaced_config_map("default", limit=2)
     kube.compact()
     with pytest.raises(ApiException) as err:
-        await core.list_namespaced_config_map("default", limit=2, _continue=again.metadata._continue)
+        await core.list_namespaced_config_map(
+            "default", limit=2, _continue=again.metadata._continue
+        )
     assert err.value.status == 410
     assert status_of(err.value)["reason"] == "Expired"
 
@@ -340,8 +348,12 @@ async def test_optimistic_concurrency(kube: KubeApiServer, api: client.ApiClient
     assert kube.get("v1", "ConfigMap", "cfg", "default")["data"] == {"k": "2"}  # type: ignore[index]
 
     with pytest.raises(KubeApiError) as direct:
-        kube.replace({**configmap("cfg", k="4"), "metadata": {
-            "name": "cfg", "namespace": "default", "resourceVersion": stale_rv}})
+        kube.replace(
+            {
+                **configmap("cfg", k="4"),
+                "metadata": {"name": "cfg", "namespace": "default", "resourceVersion": stale_rv},
+            }
+        )
     assert direct.value.code == 409
 
     # custom resources need a resourceVersion on PUT
@@ -397,8 +409,13 @@ async def test_merge_and_json_patch(kube: KubeApiServer, api: client.ApiClient) 
     kube.create(assigned_identity("aai", "n1"))
     custom = client.CustomObjectsApi(api)
     result = await custom.patch_namespaced_custom_object(
-        AAD, "v1", "default", "azureassignedidentities", "aai",
-        {"spec": {"Pod": "p2"}}, _content_type="application/merge-patch+json",
+        AAD,
+        "v1",
+        "default",
+        "azureassignedidentities",
+        "aai",
+        {"spec": {"Pod": "p2"}},
+        _content_type="application/merge-patch+json",
     )
     assert result["spec"]["Pod"] == "p2" and result["spec"]["NodeName"] == "n1"
     assert result["metadata"]["generation"] == 2
@@ -422,7 +439,8 @@ async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) ->
     assert with_status["spec"]["Pod"] == "p1" and with_status["metadata"]["generation"] == 1
 
     main = await custom.patch_namespaced_custom_object(
-        *args, {"status": {"status": "ignored"}, "metadata": {"labels": {"l": "v"}}},
+        *args,
+        {"status": {"status": "ignored"}, "metadata": {"labels": {"l": "v"}}},
         _content_type=merge,
     )
     assert main["status"] == {"status": "Assigned"} and main["metadata"]["labels"]["l"] == "v"
@@ -432,8 +450,14 @@ async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) ->
 
     core = client.CoreV1Api(api)
     kube.create(pod("p1"))
-    kube.patch("v1", "Pod", "p1", "default",
-               {"status": {"phase": "Running", "podIP": "10.0.0.7"}}, subresource="status")
+    kube.patch(
+        "v1",
+        "Pod",
+        "p1",
+        "default",
+        {"status": {"phase": "Running", "podIP": "10.0.0.7"}},
+        subresource="status",
+    )
     found = await core.list_pod_for_all_namespaces(field_selector="status.podIP=10.0.0.7")
     assert [p.metadata.name for p in found.items] == ["p1"]
     replaced = await core.read_namespaced_pod("p1", "default")
@@ -594,8 +618,9 @@ async def test_bookmarks_and_timeout(kube: KubeApiServer, api: client.ApiClient)
 async def test_label_selector_move_in_and_out(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
     async with watch.Watch() as w:
-        stream = w.stream(core.list_namespaced_pod, "default", label_selector="app=a",
-                          timeout_seconds=30)
+        stream = w.stream(
+            core.list_namespaced_pod, "default", label_selector="app=a", timeout_seconds=30
+        )
         task = asyncio.ensure_future(next_event(stream))
         await kube.wait_for_watchers("pods")
         kube.create(pod("p", app="a"))

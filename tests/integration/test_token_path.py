@@ -133,6 +133,7 @@ async def test_wait_for_created_then_assigned_wakes_on_change(world: LoopbackWor
     ident = running.add_user_assigned_identity("slow-id")
     pod = running.add_pod("slow", selector=ident.selector)
     await running.pod_visible(pod)
+    await running.binding_visible(ident)
     request = asyncio.create_task(running.get_token(running.pod_ip(pod)))
     # nothing assigned yet: the request must be waiting, not refused
     await asyncio.sleep(0)
@@ -157,6 +158,7 @@ async def test_wait_bound_gives_404_or_503_with_flag(world: LoopbackWorld) -> No
     pod = world.add_pod("never", selector=ident.selector)
     world.assign(pod, ident, state="Created")
     await world.pod_visible(pod)
+    await world.binding_visible(ident)
     reply = await world.get_token(world.pod_ip(pod))
     assert reply.status == 404 and reply.body["error"] == "not_found"
     await world.stop_daemon()
@@ -167,6 +169,7 @@ async def test_wait_bound_gives_404_or_503_with_flag(world: LoopbackWorld) -> No
         set_retry_after_header=True,
     )
     await world.pod_visible(pod)
+    await world.binding_visible(ident)
     reply = await world.get_token(world.pod_ip(pod))
     assert reply.status == 503 and reply.headers["Retry-After"] == "20"
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from nmi.tokens.cache import SERVE_FLOOR, TokenCache
-from nmi.tokens.model import Token
+from nmi.tokens.model import Token, UpstreamError
 
 
 class Clock:
@@ -171,3 +171,15 @@ def test_sweep_drops_expired() -> None:
     clock.now += 3600
     assert cache.sweep() == 1 and len(cache) == 0
     assert time.time() > 0
+
+
+async def test_fresh_token_with_five_minutes_or_less_is_refused() -> None:
+    clock = Clock()
+    cache = TokenCache(clock=clock)
+
+    async def fetch() -> Token:
+        return token(clock, 299)
+
+    with pytest.raises(UpstreamError) as info:
+        await cache.get("k", fetch)
+    assert info.value.retryable and len(cache) == 0
