@@ -56,7 +56,7 @@ class ClientSecret:
 class ClientCertificate:
     private_key_pem: str = field(repr=False)
     thumbprint_sha1: str
-    public_certificate: str
+    public_certificate: str = field(repr=False)
 
     def for_msal(self) -> dict[str, str]:
         return {

@@ -27,7 +27,7 @@ def test_client_secret_single_key_or_named_key() -> None:
         client_secret_from(secret())
 
 
-@pytest.mark.parametrize("password", [None, "pw"])
+@pytest.mark.parametrize("password", [None, "correct horse battery staple"])
 def test_pkcs12(password: str | None) -> None:
     cert = make_client_certificate("sp")
     data = {"certificate": cert.pkcs12(password)}
@@ -36,7 +36,7 @@ def test_pkcs12(password: str | None) -> None:
     cred = client_certificate_from(secret(**data))
     assert cred.thumbprint_sha1 == cert.thumbprint_sha1.hex().upper()
     assert "PRIVATE KEY" in cred.private_key_pem
-    assert "pw" not in repr(cred) and "PRIVATE" not in repr(cred)
+    assert "horse" not in repr(cred) and "PRIVATE" not in repr(cred)
 
 
 def test_pem_forms_and_tls_secret() -> None:
