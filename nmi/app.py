@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from .config import Settings
 from .identity.resolver import Resolver
+from .interception import netfacts
+from .interception.guard import Interception, StartupRefused, make_manager, rule_spec
 from .kube.client import KubeApi
 from .kube.cluster import ClusterWatch
 from .kube.index import ClusterIndex
 from .kube.informer import RawApi
 from .kube.secrets import SecretStore
+from .observability.metrics import Metrics, MetricsServer, counter, gauge
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
 from .server.listener import JsonErrorServer
@@ -45,6 +51,9 @@ class Daemon:
         self._own_api: KubeApi | None = None
         self.index = ClusterIndex(node_name=settings.node_name)
         self.probes = Probes()
+        self.metrics = Metrics()
+        self.metrics_server = MetricsServer(self.metrics)
+        self.metrics.add_collector(self._collect)
         self.watch: ClusterWatch | None = None
         self.secrets: SecretStore | None = None
         self.cache = TokenCache()
@@ -55,12 +64,14 @@ class Daemon:
         )
         self.handler: ImdsHandler | None = None
         self._runner: web.ServerRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._sites: list[web.TCPSite] = []
+        self.interception: Interception | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port = 0
         self.listening = False
         self.started_at = 0.0
         self.ready_at = 0.0
+        self.intercepting_at = 0.0
 
     # -- start ---------------------------------------------------------------
 
@@ -70,6 +81,7 @@ class Daemon:
         self.probes.add_check("watches", self._watches_check)
         self.probes.add_check("listener", lambda: None if self.listening else "not listening")
         await self.probes.start(s.probe_address, s.http_probe_port)
+        await self.metrics_server.start(s.metrics_address, s.prometheus_port)
 
         api = self._api
         if api is None:
@@ -79,11 +91,19 @@ class Daemon:
         self.watch.start()
         self.secrets = SecretStore(api=api)
         self.tokens = TokenService(
-            settings=s, secrets=self.secrets, upstream=self.upstream, cache=self.cache
+            settings=s,
+            secrets=self.secrets,
+            upstream=self.upstream,
+            cache=self.cache,
+            metrics=self.metrics,
         )
         resolver = Resolver(index=self.index, settings=s, object_id_of=self.tokens.object_id_of)
         self.handler = ImdsHandler(
-            settings=s, resolver=resolver, tokens=self.tokens, proxy=self.proxy
+            settings=s,
+            resolver=resolver,
+            tokens=self.tokens,
+            proxy=self.proxy,
+            metrics=self.metrics,
         )
         await self.proxy.start()
         log.info("waiting for the first sync of the cluster view")
@@ -102,12 +122,13 @@ class Daemon:
             server, handle_signals=False, shutdown_timeout=s.shutdown_grace
         )
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, s.listen_address, s.port, backlog=1024, reuse_address=True
-        )
-        await self._site.start()
+        site = web.TCPSite(self._runner, s.listen_address, s.port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._sites.append(site)
         self.port = _bound_port(self._runner, s.port)
         self.listening = True
+        if s.manage_iptables:
+            await self._intercept()
         self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._background.append(
             asyncio.create_task(self.secrets.run_janitor(), name="secret-janitor")
@@ -121,6 +142,102 @@ class Daemon:
                     "mode": s.operation_mode.value,
                 }
             },
+        )
+
+    async def _intercept(self) -> None:
+        """Install (or adopt) the node's rules and prove the path; see nmi.interception."""
+        s = self.settings
+        assert self._runner is not None
+        listen = ipaddress.ip_address(s.listen_address)
+        if listen.is_unspecified or listen.is_loopback:
+            target = await asyncio.to_thread(
+                netfacts.node_address, configured=s.node_ip, metadata_ip=s.metadata_ip
+            )
+        else:
+            target = s.listen_address
+        if listen.is_loopback:
+            # Pods reach nmi through a DNAT to the node address (no route_localnet needed):
+            # listen there too; the loopback listener keeps serving /host/token.
+            site = web.TCPSite(self._runner, target, self.port, backlog=1024, reuse_address=True)
+            await site.start()
+            self._sites.append(site)
+        spec = rule_spec(s, target, self.port)
+        manager = await make_manager(s, spec)
+        self.interception = Interception(
+            settings=s,
+            manager=manager,
+            target_ip=target,
+            target_port=self.port,
+            pod_ips=lambda: [ip for p in self.index.pods() if p.can_call for ip in p.ips],
+        )
+        self.probes.add_check("interception", self.interception.readiness)
+        self.interception.on_result = lambda result: self.metrics.reconciles.labels(
+            result.status.value
+        ).inc()
+        await self.interception.establish()
+        self.intercepting_at = time.monotonic()
+        log.info(
+            "interception verified",
+            extra={
+                "fields": {
+                    "target": f"{target}:{self.port}",
+                    "seconds_since_start": round(self.intercepting_at - self.started_at, 3),
+                }
+            },
+        )
+        self._background.append(asyncio.create_task(self.interception.run(), name="iptables"))
+
+    def _collect(self) -> Iterable[Metric]:
+        """Scrape-time values: nothing on the request path maintains these."""
+        c = self.cache
+        yield counter(
+            "nmi_token_cache_requests",
+            "Token lookups by result (hit, miss) and background refreshes.",
+            ["result"],
+            [
+                (["hit"], c.hits),
+                (["miss"], c.misses),
+                (["refresh"], c.refreshes),
+                (["refresh_failure"], c.refresh_failures),
+            ],
+        )
+        yield gauge("nmi_token_cache_entries", "Tokens held.", [], [([], len(c))])
+        informers = self.watch.informers if self.watch is not None else []
+        yield counter(
+            "nmi_kube_watch_restarts",
+            "Watch streams re-established, by resource.",
+            ["resource"],
+            [([i.name], i.watch_restarts) for i in informers],
+        )
+        yield counter(
+            "nmi_kube_lists",
+            "Full LISTs (first sync and re-lists after 410), by resource.",
+            ["resource"],
+            [([i.name], i.lists) for i in informers],
+        )
+        yield gauge(
+            "nmi_kube_watch_staleness_seconds",
+            "Seconds since the API server was last heard from.",
+            ["resource"],
+            [([i.name], i.staleness()) for i in informers],
+        )
+        yield gauge(
+            "nmi_kube_synced",
+            "1 once the first LIST of the resource completed.",
+            ["resource"],
+            [([i.name], 1.0 if i.synced.is_set() else 0.0) for i in informers],
+        )
+        yield counter(
+            "aadpodidentity_kubernetes_api_operations_errors_count",
+            "aad-pod-identity compatible Kubernetes API errors (list/watch), by resource.",
+            ["operation_type"],
+            [([f"watch_{i.name}"], i.errors) for i in informers],
+        )
+        yield gauge(
+            "nmi_requests_in_flight",
+            "Requests being served.",
+            [],
+            [([], self.handler.in_flight if self.handler else 0)],
         )
 
     def _watches_check(self) -> str | None:
@@ -138,8 +255,8 @@ class Daemon:
 
     async def stop(self) -> None:
         self.listening = False
-        if self._site is not None:
-            await self._site.stop()  # stop accepting; in-flight requests continue
+        for site in self._sites:
+            await site.stop()  # stop accepting; in-flight requests continue
         if self.handler is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.handler.idle.wait(), self.settings.shutdown_grace)
@@ -158,6 +275,7 @@ class Daemon:
         await self.proxy.close()
         self.upstream.close()
         await self.probes.stop()
+        await self.metrics_server.stop()
         if self._own_api is not None:
             await self._own_api.close()
 
@@ -176,7 +294,12 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        await self.start()
+        try:
+            await self.start()
+        except StartupRefused as exc:
+            log.error("refusing to start: %s", exc)
+            await self.stop()
+            return 1
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
         await self.stop()

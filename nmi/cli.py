@@ -167,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream-timeout", type=_seconds, default=30.0, help="timeout of upstream calls"
     )
     p.add_argument("--shutdown-grace", type=_seconds, default=10.0, help="time to finish requests")
+    p.add_argument(
+        "--node-ip", default=os.environ.get("HOST_IP", ""),
+        help="node IPv4 address the DNAT targets (env HOST_IP; default: found via netlink)",
+    )
+    _bool_flag(
+        p, "--manage-iptables", True,
+        "install and keep the interception rules (false: someone else redirects the traffic)",
+    )
+    p.add_argument(
+        "--iptables-backend", default="auto", choices=["auto", "nft", "legacy"],
+        help="iptables backend (auto: the one the node's other rules use)",
+    )
     # Accepted for compatibility, without effect.
     p.add_argument("--MICNamespace", default=None, help=argparse.SUPPRESS)
     p.add_argument("--custom-user-agent", default="", help=argparse.SUPPRESS)
@@ -218,6 +230,9 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         upstream_timeout=args.upstream_timeout,
         shutdown_grace=args.shutdown_grace,
         custom_user_agent=args.custom_user_agent,
+        node_ip=args.node_ip,
+        manage_iptables=args.manage_iptables,
+        iptables_backend=args.iptables_backend,
     )
 
 

@@ -80,6 +80,9 @@ class Settings:
     pod_lookup_timeout: float = 2.0
     shutdown_grace: float = 10.0
     custom_user_agent: str = ""
+    node_ip: str = ""
+    manage_iptables: bool = True
+    iptables_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.node_name:
@@ -104,6 +107,14 @@ class Settings:
             raise ConfigError("--ipt-update-interval-sec must be positive")
         if self.upstream_timeout <= 0:
             raise ConfigError("upstream timeout must be positive")
+        if self.node_ip:
+            try:
+                if ipaddress.ip_address(self.node_ip).version != 4:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"--node-ip={self.node_ip!r} is not an IPv4 address") from None
+        if self.iptables_backend not in ("auto", "nft", "legacy"):
+            raise ConfigError("--iptables-backend must be auto, nft or legacy")
 
     @property
     def namespaced_everywhere(self) -> bool:

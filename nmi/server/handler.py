@@ -31,6 +31,7 @@ from ..identity.decide import (
 from ..identity.resolver import CallerProblem, Resolver
 from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
+from ..observability.metrics import Metrics
 from ..tokens.credentials import CredentialError
 from ..tokens.model import Token, UpstreamError
 from ..tokens.service import TokenService
@@ -80,8 +81,10 @@ class ImdsHandler:
         resolver: Resolver,
         tokens: TokenService,
         proxy: MetadataProxy,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.resolver = resolver
         self.tokens = tokens
         self.proxy = proxy
@@ -103,11 +106,20 @@ class ImdsHandler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        self._log(request, response, access, started)
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                route=access.route,
+                status=response.status,
+                seconds=elapsed,
+                namespace=access.namespace,
+                resource=access.resource,
+            )
+        self._log(request, response, access, elapsed)
         return response
 
     def _log(
-        self, request: web.BaseRequest, response: web.StreamResponse, access: Access, started: float
+        self, request: web.BaseRequest, response: web.StreamResponse, access: Access, elapsed: float
     ) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
@@ -121,7 +133,7 @@ class ImdsHandler:
             "identity": access.identity,
             "resource": access.resource,
             "cache": access.cache,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": round(elapsed * 1000, 3),
         }
         if access.waited_ms:
             fields["waited_ms"] = round(access.waited_ms, 1)
@@ -220,6 +232,8 @@ class ImdsHandler:
         selector = query.selector
         decision, waited = await self.resolver.resolve(pod, selector)
         access.waited_ms = waited * 1000
+        if waited > 0.001 and self.metrics is not None:
+            self.metrics.assignment_wait.observe(waited)
         if (
             selector.object_id
             and isinstance(decision, Deny)
@@ -256,6 +270,9 @@ class ImdsHandler:
             return replies.error(
                 503, "server_error", "The identity's credential cannot be read now"
             )
+        if self.metrics is not None and not isinstance(decision, Grant | UseNodeIdentity):
+            kind = decision.kind if isinstance(decision, Deny) else "not_assigned"
+            self.metrics.denials.labels(kind).inc()
         if isinstance(decision, Deny):
             access.reason = decision.reason
             if decision.kind == "multiple":

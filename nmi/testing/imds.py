@@ -448,6 +448,11 @@ class ImdsServer:
         return self._port
 
     @property
+    def host(self) -> str:
+        """The address the server listens on."""
+        return self._host
+
+    @property
     def url(self) -> str:
         """``http://host:port`` (the value for ``AZURE_POD_IDENTITY_AUTHORITY_HOST``)."""
         host = self._host

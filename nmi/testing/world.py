@@ -65,7 +65,14 @@ class Reply:
 
 
 class LoopbackWorld:
-    def __init__(self, *, node: str = NODE, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node: str = NODE,
+        workdir: Path | None = None,
+        imds_host: str = "127.0.0.1",
+        imds_port: int = 0,
+    ) -> None:
         self.node = node
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -75,7 +82,7 @@ class LoopbackWorld:
         self.ca = CertificateAuthority()
         self.kube = KubeApiServer(ca=self.ca)
         self.aad = AzureAdServer(ca=self.ca, hostnames=["localhost"])
-        self.imds = ImdsServer(tenant_id=TENANT)
+        self.imds = ImdsServer(tenant_id=TENANT, host=imds_host, port=imds_port)
         self.kubeconfig = workdir / "kubeconfig"
         self.ca_bundle = workdir / "ca.pem"
         self.daemon: Daemon | None = None
@@ -101,7 +108,7 @@ class LoopbackWorld:
             "node_name": self.node,
             "listen_address": "127.0.0.1",
             "port": 0,
-            "metadata_ip": "127.0.0.1",
+            "metadata_ip": self.imds.host,
             "metadata_port": self.imds.port,
             "http_probe_port": 0,
             "prometheus_port": 0,
@@ -113,6 +120,8 @@ class LoopbackWorld:
             "pod_lookup_timeout": 0.5,
             "upstream_timeout": 10.0,
             "shutdown_grace": 2.0,
+            # Loopback tests run in the host's network namespace: never touch its iptables.
+            "manage_iptables": False,
         }
         values.update(overrides)
         return Settings(**values)

@@ -9,11 +9,13 @@ authority validated only on a miss, inside the single upstream flight.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+import time
+from collections.abc import Awaitable, Hashable
 
 from ..config import Settings
 from ..kube.objects import AzureIdentity, IdentityType
 from ..kube.secrets import SecretStore
+from ..observability.metrics import Metrics
 from .cache import TokenCache
 from .credentials import (
     CredentialError,
@@ -21,7 +23,7 @@ from .credentials import (
     client_certificate_from,
     client_secret_from,
 )
-from .model import Token
+from .model import Token, UpstreamError
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,15 @@ def identity_key(identity: AzureIdentity) -> str:
 
 class TokenService:
     def __init__(
-        self, *, settings: Settings, secrets: SecretStore, upstream: Upstream, cache: TokenCache
+        self,
+        *,
+        settings: Settings,
+        secrets: SecretStore,
+        upstream: Upstream,
+        cache: TokenCache,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.secrets = secrets
         self.upstream = upstream
@@ -83,7 +92,7 @@ class TokenService:
         key = await self.cache_key(identity, resource)
 
         async def fetch() -> Token:
-            token = await self._fetch(identity, resource)
+            token = await self._timed(str(identity.type), self._fetch(identity, resource))
             self._learn(identity, token)
             return token
 
@@ -122,6 +131,25 @@ class TokenService:
             resource=resource,
         )
 
+    async def _timed(self, identity_type: str, call: Awaitable[Token]) -> Token:
+        started = time.perf_counter()
+        error: UpstreamError | None = None
+        try:
+            return await call
+        except UpstreamError as exc:
+            error = exc
+            raise
+        finally:
+            if self.metrics is not None:
+                source = "imds" if identity_type in ("0", "node") else "aad"
+                self.metrics.observe_upstream(
+                    source=source,
+                    identity_type=identity_type,
+                    seconds=time.perf_counter() - started,
+                    error=error is not None,
+                    retryable=bool(error and error.retryable),
+                )
+
     async def for_node(
         self, *, resource: str, client_id: str = "", object_id: str = "", resource_id: str = ""
     ) -> tuple[Token, bool]:
@@ -129,8 +157,14 @@ class TokenService:
         key = ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
 
         async def fetch() -> Token:
-            return await self.upstream.from_imds(
-                resource=resource, client_id=client_id, object_id=object_id, resource_id=resource_id
+            return await self._timed(
+                "node",
+                self.upstream.from_imds(
+                    resource=resource,
+                    client_id=client_id,
+                    object_id=object_id,
+                    resource_id=resource_id,
+                ),
             )
 
         return await self.cache.get(key, fetch)

@@ -62,6 +62,7 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
         f"--allowed-authority-hosts={world.aad.authority_host}",
         "--log-format=json",
         "--MICNamespace=default",
+        "--manage-iptables=false",  # this test runs in the host namespace
         stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -4,7 +4,7 @@ Run as a separate process, as an application would be.  The token endpoint
 comes from ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` (read by the SDKs); the HTTP
 session is bound to the pod's address so that nmi attributes the call to it.
 
-usage: get_token.py {azure-identity|msal} SOURCE_IP SCOPE_OR_RESOURCE [SELECTOR=VALUE]
+usage: get_token.py {azure-identity|msal} SOURCE_IP|- SCOPE_OR_RESOURCE [SELECTOR=VALUE]
 (SELECTOR: client_id, object_id or resource_id)
 Prints one JSON line: {"ok": true, "token": ..., "expires_on": ...} or {"ok": false, "error": ...}.
 """
@@ -30,7 +30,8 @@ def main() -> None:
     client, source, target = sys.argv[1:4]
     selector = dict(arg.split("=", 1) for arg in sys.argv[4:])
     session = requests.Session()
-    session.mount("http://", SourceAddressAdapter(source))
+    if source != "-":  # "-": the process already lives at the pod's address (network namespace)
+        session.mount("http://", SourceAddressAdapter(source))
     try:
         if client == "azure-identity":
             from azure.core.pipeline.transport import RequestsTransport

@@ -1,0 +1,1 @@
+"""Node interception: the daemon side of the iptables rules and the node network facts."""

@@ -1,0 +1,235 @@
+"""Prometheus metrics on ``--prometheus-address:--prometheus-port``/metrics.
+
+Label sets are bounded: routes are classes (never raw paths), resources are
+never labels (a pod chooses them), identity types are 0/1/2/node.  Counters
+that already exist as plain integers elsewhere (token cache, watches) are
+read at scrape time by a collector, so the request path pays nothing for
+them.  The aad-pod-identity names are exported too, with bounded labels,
+where their meaning is the same, so existing dashboards keep working:
+
+* ``aadpodidentity_nmi_operations_duration_seconds`` (``operation_type`` = the
+  route's canonical path, ``status_code``, ``namespace`` = the pod's, and
+  ``resource`` only for well-known Azure resources, else ``other``)
+* ``aadpodidentity_imds_operations_duration_seconds`` /
+  ``aadpodidentity_imds_operations_errors_count`` (``operation_type`` =
+  ``adal_token_msi``, ``adal_token_msi_userassignedid``, ``adal_token``)
+* ``aadpodidentity_kubernetes_api_operations_errors_count``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 120)
+
+KNOWN_RESOURCES = frozenset(
+    {
+        "https://management.azure.com",
+        "https://management.core.windows.net",
+        "https://vault.azure.net",
+        "https://storage.azure.com",
+        "https://database.windows.net",
+        "https://graph.microsoft.com",
+        "https://ossrdbms-aad.database.windows.net",
+        "https://eventhubs.azure.net",
+        "https://servicebus.azure.net",
+        "https://cognitiveservices.azure.com",
+        "https://monitor.azure.com",
+    }
+)
+
+ROUTE_PATHS = {
+    "token": "/metadata/identity/oauth2/token",
+    "host_token": "/host/token",
+    "identity_other": "/metadata/identity",
+    "instance": "/metadata/instance",
+    "proxy": "/metadata",
+    "invalid": "invalid",
+}
+
+IMDS_OPERATION = {"0": "adal_token_msi_userassignedid", "node": "adal_token_msi"}
+
+
+def resource_label(resource: str) -> str:
+    return resource.rstrip("/") if resource.rstrip("/") in KNOWN_RESOURCES else "other"
+
+
+class Metrics:
+    """All of nmi's metrics in one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "nmi_requests",
+            "Requests served, by route class and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "nmi_request_duration_seconds",
+            "Time to answer a request.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compat_operations = Histogram(
+            "aadpodidentity_nmi_operations_duration_seconds",
+            "aad-pod-identity compatible request latency (bounded labels).",
+            ["operation_type", "status_code", "namespace", "resource"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "nmi_upstream_request_duration_seconds",
+            "Upstream token calls (Azure AD, IMDS).",
+            ["source", "identity_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "nmi_upstream_errors",
+            "Failed upstream token calls.",
+            ["source", "identity_type", "retryable"],
+            registry=r,
+        )
+        self.compat_imds_seconds = Histogram(
+            "aadpodidentity_imds_operations_duration_seconds",
+            "aad-pod-identity compatible upstream token latency.",
+            ["operation_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compat_imds_errors = Counter(
+            "aadpodidentity_imds_operations_errors_count",
+            "aad-pod-identity compatible upstream token errors.",
+            ["operation_type"],
+            registry=r,
+        )
+        self.assignment_wait = Histogram(
+            "nmi_assignment_wait_seconds",
+            "Time a request waited for its AzureAssignedIdentity (Created -> Assigned).",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.denials = Counter(
+            "nmi_denied_requests",
+            "Requests refused by the identity decision.",
+            ["reason"],
+            registry=r,
+        )
+        self.reconciles = Counter(
+            "nmi_iptables_reconcile",
+            "iptables reconcile results.",
+            ["result"],
+            registry=r,
+        )
+
+    def observe_request(
+        self, *, route: str, status: int, seconds: float, namespace: str, resource: str
+    ) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+        if route in ("token", "host_token"):
+            self.compat_operations.labels(
+                ROUTE_PATHS[route], str(status), namespace or "", resource_label(resource)
+            ).observe(seconds)
+
+    def observe_upstream(
+        self, *, source: str, identity_type: str, seconds: float, error: bool, retryable: bool
+    ) -> None:
+        self.upstream_seconds.labels(source, identity_type).observe(seconds)
+        compat = IMDS_OPERATION.get(identity_type, "adal_token")
+        self.compat_imds_seconds.labels(compat).observe(seconds)
+        if error:
+            self.upstream_errors.labels(source, identity_type, str(retryable).lower()).inc()
+            self.compat_imds_errors.labels(compat).inc()
+
+    def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.registry.register(_FnCollector(collect))
+
+    async def handle(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+class _FnCollector(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect()
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[list[str], float]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+def gauge(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[list[str], float]]
+) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+class MetricsServer:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        for address in self._runner.addresses:
+            if isinstance(address, tuple):
+                self.port = int(address[1])
+                break
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+__all__: list[Any] = ["Metrics", "MetricsServer", "counter", "gauge", "resource_label"]

@@ -1,0 +1,239 @@
+"""A real node in network namespaces, with nmi intercepting its pods' traffic.
+
+The emulated cluster, Azure AD and the node's IMDS (on 169.254.169.254:80)
+live inside the node namespace, which has no uplink; nmi runs there as its
+own process with its normal flags and installs its iptables rules in that
+namespace; pods are namespaces on veth pairs (or on a bridge) whose clients
+call the real metadata address.  Used by the e2e tests, the drills and
+``nmi sandbox``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .netns import NodeNetns, Pod
+from .world import LoopbackWorld
+
+METADATA_IP = "169.254.169.254"
+NODE_IP = "10.240.0.4"
+
+
+@dataclass
+class PodHandle:
+    """A pod: its namespace on the node and its Kubernetes object."""
+
+    net: Pod
+    manifest: dict[str, Any]
+
+    @property
+    def ip(self) -> str:
+        return self.net.ip
+
+    @property
+    def ns(self) -> str:
+        return self.net.ns
+
+    @property
+    def name(self) -> str:
+        return self.net.name
+
+
+@dataclass
+class CurlResult:
+    exit_code: int
+    status: int
+    body: dict[str, Any]
+    raw: str
+
+
+class NodeWorld:
+    def __init__(self, *, style: Literal["veth", "bridge"] = "veth") -> None:
+        self.net = NodeNetns(style=style, node_ip=NODE_IP, metadata_ip=METADATA_IP)
+        self.world: LoopbackWorld | None = None
+        self.nmi: asyncio.subprocess.Process | None = None
+        self.nmi_port = 2579
+        self.probe_port = 8085
+        self.pods: dict[str, PodHandle] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.net.create()
+        with self.net.entered():
+            self.world = LoopbackWorld(imds_host=METADATA_IP, imds_port=80)
+            await self.world.start()
+
+    async def stop(self) -> None:
+        try:
+            if self.nmi is not None and self.nmi.returncode is None:
+                await self.net.kill(self.nmi, signal.SIGKILL)
+            if self.world is not None:
+                with self.net.entered():
+                    await self.world.stop()
+        finally:
+            self.net.destroy()
+
+    async def __aenter__(self) -> NodeWorld:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def w(self) -> LoopbackWorld:
+        assert self.world is not None, "not started"
+        return self.world
+
+    def nmi_argv(self, *extra: str) -> list[str]:
+        w = self.w
+        return [
+            sys.executable,
+            "-m",
+            "nmi",
+            f"--node={w.node}",
+            f"--kubeconfig={w.kubeconfig}",
+            f"--node-ip={NODE_IP}",
+            f"--nmi-port={self.nmi_port}",
+            f"--http-probe-port={self.probe_port}",
+            "--probe-address=127.0.0.1",
+            f"--allowed-authority-hosts={w.aad.authority_host}",
+            "--find-identity-retry-interval=1",
+            *extra,
+        ]
+
+    def nmi_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["REQUESTS_CA_BUNDLE"] = str(self.w.ca_bundle)
+        env["SSL_CERT_FILE"] = str(self.w.ca_bundle)
+        env.pop("AZURE_POD_IDENTITY_AUTHORITY_HOST", None)
+        return env
+
+    async def spawn_nmi(self, *extra: str) -> asyncio.subprocess.Process:
+        proc = await self.net.spawn(
+            self.net.node,
+            self.nmi_argv(*extra),
+            env=self.nmi_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self.nmi = proc
+        return proc
+
+    async def start_nmi(self, *extra: str, timeout: float = 60.0) -> float:
+        """Start nmi and wait until it reports ready; returns seconds from spawn to ready."""
+        started = time.monotonic()
+        proc = await self.spawn_nmi(*extra)
+        deadline = started + timeout
+        while True:
+            if proc.returncode is not None:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise RuntimeError(f"nmi exited {proc.returncode}: {err.decode()[-2000:]}")
+            status = await self.probe("/readyz")
+            if status == 200:
+                return time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise TimeoutError("nmi did not become ready")
+            # nmi is a separate process: its probe is the only readiness signal there is.
+            await asyncio.sleep(0.05)
+
+    async def probe(self, path: str) -> int:
+        """GET on nmi's probe port from inside the node namespace; 0 if nothing answers."""
+        with self.net.entered():
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", self.probe_port, family=socket.AF_INET), 2
+                )
+            except (OSError, TimeoutError):
+                return 0
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 5)
+        except (OSError, TimeoutError):
+            return 0
+        finally:
+            writer.close()
+        try:
+            return int(data.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            return 0
+
+    async def wait_exit(self, timeout: float = 30.0) -> tuple[int, str]:
+        assert self.nmi is not None
+        code = await asyncio.wait_for(self.nmi.wait(), timeout)
+        err = await self.nmi.stderr.read() if self.nmi.stderr else b""
+        return code, err.decode()
+
+    # -- pods ---------------------------------------------------------------
+
+    def add_pod(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        selector: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> PodHandle:
+        net_pod = self.net.add_pod(name)
+        manifest = self.w.add_pod(
+            name, namespace=namespace, selector=selector, labels=labels, ip=net_pod.ip
+        )
+        handle = PodHandle(net=net_pod, manifest=manifest)
+        self.pods[name] = handle
+        return handle
+
+    async def curl(
+        self, pod: PodHandle, target: str, *, metadata: bool = True, timeout: float = 5.0
+    ) -> CurlResult:
+        """curl http://169.254.169.254<target> from inside the pod."""
+        argv = [
+            "curl",
+            "-sS",
+            "-m",
+            str(timeout),
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            f"http://{METADATA_IP}{target}",
+        ]
+        if metadata:
+            argv[1:1] = ["-H", "Metadata: true"]
+        code, out, err = await self.net.run(pod.ns, argv, timeout=timeout + 10)
+        text, _, status = out.rpartition("\n")
+        body: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+            if isinstance(parsed, dict):
+                body = parsed
+        try:
+            http_status = int(status.strip() or 0)
+        except ValueError:
+            http_status = 0
+        return CurlResult(exit_code=code, status=http_status, body=body, raw=text or err)
+
+    async def token(
+        self, pod: PodHandle, resource: str = "https://management.azure.com", **params: str
+    ) -> CurlResult:
+        from urllib.parse import urlencode
+
+        query = urlencode({"api-version": "2018-02-01", "resource": resource, **params})
+        return await self.curl(pod, f"/metadata/identity/oauth2/token?{query}")
+
+
+__all__ = ["METADATA_IP", "NODE_IP", "CurlResult", "NodeWorld", "PodHandle"]
