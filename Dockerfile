@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # nmi container image: a venv with nmi and its dependencies, on Debian's iptables.
 #
 #   docker build -t nmi:0.1.0 .

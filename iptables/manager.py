@@ -74,7 +74,12 @@ class ReconcileResult:
 
 
 class RuleManager:
-    """Installs, checks, repairs and removes the rules of one :class:`RuleSpec`."""
+    """Installs, checks, repairs and removes the rules of one :class:`RuleSpec`.
+
+    ``backend``: a :class:`Backend`, ``"nft"``/``"legacy"``, or ``None`` to detect
+    it on first use.  ``command_prefix`` is put before every command.
+    ``lock_wait``: seconds ``iptables-restore -w`` waits for the xtables lock.
+    """
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client.core import Metric
 
 from .config import Settings
+from .explain import AdminServer, LastErrors
 from .identity.resolver import Resolver
 from .interception import netfacts
 from .interception.guard import Interception, StartupRefused, make_manager, rule_spec
@@ -30,6 +31,7 @@ from .kube.cluster import ClusterWatch
 from .kube.index import ClusterIndex
 from .kube.informer import RawApi
 from .kube.secrets import SecretStore
+from .observability.events import EventRecorder
 from .observability.metrics import Metrics, MetricsServer, counter, gauge
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
@@ -63,6 +65,9 @@ class Daemon:
             endpoint=settings.metadata_endpoint, timeout=settings.upstream_timeout
         )
         self.handler: ImdsHandler | None = None
+        self.events: EventRecorder | None = None
+        self.last_errors = LastErrors()
+        self.admin: AdminServer | None = None
         self._runner: web.ServerRunner | None = None
         self._sites: list[web.TCPSite] = []
         self.interception: Interception | None = None
@@ -98,12 +103,17 @@ class Daemon:
             metrics=self.metrics,
         )
         resolver = Resolver(index=self.index, settings=s, object_id_of=self.tokens.object_id_of)
+        if s.kube_events and isinstance(api, KubeApi):
+            self.events = EventRecorder(api=api, node_name=s.node_name)
+            self._background.append(asyncio.create_task(self.events.run(), name="events"))
         self.handler = ImdsHandler(
             settings=s,
             resolver=resolver,
             tokens=self.tokens,
             proxy=self.proxy,
             metrics=self.metrics,
+            events=self.events,
+            last_errors=self.last_errors,
         )
         await self.proxy.start()
         log.info("waiting for the first sync of the cluster view")
@@ -133,6 +143,13 @@ class Daemon:
         self._background.append(
             asyncio.create_task(self.secrets.run_janitor(), name="secret-janitor")
         )
+        if s.admin_socket:
+            admin = AdminServer(daemon=self, path=s.admin_socket, last_errors=self.last_errors)
+            try:
+                await admin.start()
+                self.admin = admin
+            except (OSError, RuntimeError) as exc:
+                log.warning("no admin socket for 'nmi explain': %s", exc)
         self.ready_at = time.monotonic()
         log.info(
             "serving",
@@ -233,6 +250,19 @@ class Daemon:
             ["operation_type"],
             [([f"watch_{i.name}"], i.errors) for i in informers],
         )
+        if self.events is not None:
+            e = self.events
+            yield counter(
+                "nmi_kube_events",
+                "Kubernetes Events about pods, by outcome.",
+                ["result"],
+                [
+                    (["emitted"], e.emitted),
+                    (["suppressed"], e.suppressed),
+                    (["dropped"], e.dropped),
+                    (["failed"], e.failed),
+                ],
+            )
         yield gauge(
             "nmi_requests_in_flight",
             "Requests being served.",
@@ -262,6 +292,10 @@ class Daemon:
                 await asyncio.wait_for(self.handler.idle.wait(), self.settings.shutdown_grace)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.events is not None:
+            await self.events.flush(timeout=1.0)  # best effort: the last refusals' Events
         for task in self._background:
             task.cancel()
         for task in self._background:

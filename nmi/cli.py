@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nmi",
         description="Node Managed Identity: serves each pod the token of its own Azure identity.",
-        epilog="Subcommands: 'nmi sandbox' runs the local emulated world with a simulated pod.",
+        epilog="Subcommands: 'nmi sandbox' runs the local world with simulated pods; "
+        "'nmi uninstall' removes the node's interception rules; "
+        "'nmi explain NAMESPACE/POD' explains a pod's identity decision.",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument(
@@ -168,16 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shutdown-grace", type=_seconds, default=10.0, help="time to finish requests")
     p.add_argument(
-        "--node-ip", default=os.environ.get("HOST_IP", ""),
+        "--node-ip",
+        default=os.environ.get("HOST_IP", ""),
         help="node IPv4 address the DNAT targets (env HOST_IP; default: found via netlink)",
     )
     _bool_flag(
-        p, "--manage-iptables", True,
+        p,
+        "--manage-iptables",
+        True,
         "install and keep the interception rules (false: someone else redirects the traffic)",
     )
     p.add_argument(
-        "--iptables-backend", default="auto", choices=["auto", "nft", "legacy"],
+        "--iptables-backend",
+        default="auto",
+        choices=["auto", "nft", "legacy"],
         help="iptables backend (auto: the one the node's other rules use)",
+    )
+    _bool_flag(
+        p, "--kube-events", True, "record Kubernetes Events on pods whose token request fails"
+    )
+    p.add_argument(
+        "--admin-socket",
+        default="/run/nmi/admin.sock",
+        help="read-only admin endpoint (Unix socket) for 'nmi explain'; empty to disable",
     )
     # Accepted for compatibility, without effect.
     p.add_argument("--MICNamespace", default=None, help=argparse.SUPPRESS)
@@ -233,6 +248,8 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         node_ip=args.node_ip,
         manage_iptables=args.manage_iptables,
         iptables_backend=args.iptables_backend,
+        kube_events=args.kube_events,
+        admin_socket=args.admin_socket,
     )
 
 
@@ -261,6 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sandbox import main as sandbox_main
 
         return sandbox_main(args_list[1:])
+    if args_list and args_list[0] == "explain":
+        from .explain import main as explain_main
+
+        return explain_main(args_list[1:])
+    if args_list and args_list[0] == "uninstall":
+        from .uninstall import main as uninstall_main
+
+        return uninstall_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(args_list))
     if args.version:

@@ -83,6 +83,8 @@ class Settings:
     node_ip: str = ""
     manage_iptables: bool = True
     iptables_backend: str = "auto"
+    kube_events: bool = True
+    admin_socket: str = ""  # empty: no admin endpoint (the CLI defaults to /run/nmi/admin.sock)
 
     def __post_init__(self) -> None:
         if not self.node_name:

@@ -1,12 +1,17 @@
 """``nmi sandbox``: the whole system on this machine, in one command.
 
-It starts the emulated Kubernetes API server, Azure AD and node IMDS on
-loopback, starts the real nmi daemon against them, then plays MIC and a
-cluster user: it creates an identity and a binding, a pod that the binding
-selects (assigned as MIC would) and a pod that nothing selects.  It shows the
-bound pod getting its token and the unbound pod being refused, prints how to
-ask yourself with curl from a pod's address, and keeps running until Ctrl-C
-(or exits at once with ``--once``).  Exit status 0 means the demonstration
+As root (the default way): a real node made of network namespaces — a node
+namespace with no uplink holding the emulated Kubernetes API server, Azure AD
+and the node's IMDS on 169.254.169.254:80, pod namespaces on veth pairs — and
+nmi running there as its own process with its normal flags, installing its
+iptables rules.  It then plays MIC and a cluster user: an identity and a
+binding, a pod the binding selects (assigned as MIC would) and a pod nothing
+selects; curl inside each pod asks the real metadata address; the bound pod
+gets its token, the other is refused.  It prints how to ``ip netns exec``
+into a pod and try it, and runs until Ctrl-C; every namespace is removed on
+exit (and a crashed sandbox's leftovers on the next start).  ``--loopback``
+runs the same demonstration without root, the pods simulated by loopback
+addresses.  ``--once`` exits after the demonstration; status 0 means it
 behaved as nmi promises.
 """
 
@@ -17,6 +22,8 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -120,21 +127,95 @@ async def demo(*, once: bool, port: int) -> int:
             f"  KUBECONFIG={world.kubeconfig} kubectl get azureassignedidentities -A  "
             "(the emulated API server)"
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _until_signalled()
         print("\nstopping the sandbox")
         return 0 if ok else 1
     finally:
         await world.stop()
 
 
+async def node_demo(*, once: bool) -> int:
+    from .testing.netns import cleanup_stale
+    from .testing.nodeworld import NodeWorld
+
+    stale = cleanup_stale()
+    if stale:
+        print(f"removed namespaces left by an earlier sandbox: {', '.join(stale)}")
+    async with NodeWorld() as node:
+        w = node.w
+        identity = w.add_user_assigned_identity("demo-identity", selector="demo-app")
+        bound = node.add_pod("demo-app", selector="demo-app")
+        w.assign(bound.manifest, identity)  # what MIC does for this pod
+        unbound = node.add_pod("no-identity")
+        print(f"node namespace {node.net.node} (node IP {node.net.node_ip}, no uplink):")
+        print(f"   Kubernetes API (emulated): {w.kube.url}   node IMDS (emulated): {w.imds.url}")
+        seconds = await node.start_nmi()
+        print(
+            f"   nmi started with its normal flags; rules installed and path verified in "
+            f"{seconds:.2f} s"
+        )
+        print(
+            "\ncreated: AzureIdentity default/demo-identity (type 0, client id "
+            f"{redact_id(identity.client_id)}), AzureIdentityBinding selector=demo-app,"
+            f"\n         pod default/demo-app ({bound.ip}, namespace {bound.ns}, Assigned),"
+            f"\n         pod default/no-identity ({unbound.ip}, namespace {unbound.ns}, no binding)"
+        )
+        granted = await node.token(bound, RESOURCE)
+        _show("curl in pod default/demo-app -> http://169.254.169.254/...", _reply(granted))
+        refused = await node.token(unbound, RESOURCE)
+        _show("curl in pod default/no-identity -> http://169.254.169.254/...", _reply(refused))
+        token = str(granted.body.get("access_token", ""))
+        ok = (
+            granted.status == 200
+            and _claims(token).get("appid") == identity.client_id
+            and refused.status == 400
+            and refused.body.get("error_description") == "Identity not found"
+        )
+        print(
+            "\n"
+            + (
+                "OK: the bound pod got its own token, the unbound pod was refused."
+                if ok
+                else "FAILED: the demonstration did not behave as expected."
+            )
+        )
+        if once:
+            return 0 if ok else 1
+        query = f"api-version=2018-02-01&resource={RESOURCE}"
+        print(
+            "\nTry it yourself while this runs (Ctrl-C to stop and remove everything):\n"
+            f"  ip netns exec {bound.ns} curl -s -H Metadata:true "
+            f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
+            f"  ip netns exec {unbound.ns} curl -s -H Metadata:true "
+            f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
+            f"  ip netns exec {node.net.node} iptables -t nat -S NMI-METADATA   (nmi's rules)"
+        )
+        await _until_signalled()
+        print("\nstopping the sandbox and removing its namespaces")
+        return 0 if ok else 1
+
+
+def _reply(result: Any) -> Reply:
+    return Reply(status=result.status, body=result.body, headers={})
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="nmi sandbox", description=__doc__.split("\n\n")[0])
     parser.add_argument("--once", action="store_true", help="run the demonstration and exit")
-    parser.add_argument("--port", type=int, default=0, help="port for nmi (default: any free)")
+    parser.add_argument("--port", type=int, default=0, help="loopback mode: port for nmi")
+    parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="no network namespaces (no root needed): pods simulated by loopback addresses",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show nmi's logs")
     args = parser.parse_args(list(argv))
     logs.setup(fmt=LogFormat.TEXT, verbosity=0)
@@ -142,7 +223,17 @@ def main(argv: Sequence[str]) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     from .cli import run_loop
 
+    real = not args.loopback
+    if real and (os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables")):
+        print(
+            "nmi sandbox needs root, iproute2 and iptables for the network-namespace node "
+            "(./dev installs them); use --loopback to run without them",
+            file=sys.stderr,
+        )
+        return 2
     try:
+        if real:
+            return run_loop(node_demo(once=args.once))
         return run_loop(demo(once=args.once, port=args.port))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
         return 130

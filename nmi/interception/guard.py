@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from iptables import IptablesError, ReconcileResult, RuleManager, RuleSpec, backend_named
+from iptables import ReconcileResult, RuleManager, RuleSpec, backend_named
 
 from ..config import Settings
 from . import netfacts
@@ -160,15 +160,14 @@ class Interception:
         interval = float(self.settings.ipt_update_interval_sec)
         while True:
             await asyncio.sleep(interval)
-            try:
-                result = await self.manager.reconcile()
-            except IptablesError as exc:
-                self.state.problem = f"reconcile failed: {exc}"
-                log.error("iptables reconcile failed: %s", exc)
-                continue
+            result = await self.manager.reconcile()  # reports failures, never raises
             self.state.last_result = result
             if self.on_result is not None:
                 self.on_result(result)
+            if result.failed:
+                self.state.problem = f"reconcile failed: {result.error}"
+                log.error("iptables reconcile failed: %s", result.error)
+                continue
             if result.restored:
                 log.warning(
                     "interception rules drifted and were restored",

@@ -19,7 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from ..config import OperationMode, Settings
+from ..explain import LastErrors, error_key
 from ..identity.decide import (
+    Decision,
     Deny,
     Grant,
     IdentitySelector,
@@ -31,6 +33,7 @@ from ..identity.decide import (
 from ..identity.resolver import CallerProblem, Resolver
 from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
+from ..observability import events as kube_events
 from ..observability.metrics import Metrics
 from ..tokens.credentials import CredentialError
 from ..tokens.model import Token, UpstreamError
@@ -82,9 +85,13 @@ class ImdsHandler:
         tokens: TokenService,
         proxy: MetadataProxy,
         metrics: Metrics | None = None,
+        events: kube_events.EventRecorder | None = None,
+        last_errors: LastErrors | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.events = events
+        self.last_errors = last_errors
         self.resolver = resolver
         self.tokens = tokens
         self.proxy = proxy
@@ -261,18 +268,52 @@ class ImdsHandler:
                 return token, token.client_id or selector.client_id
         except UpstreamError as exc:
             access.reason = f"{exc.source} {exc.status or '-'} {exc.error}"
+            self._failed(
+                pod,
+                decision,
+                kube_events.upstream_event(
+                    source=exc.source,
+                    status=exc.status,
+                    error=exc.error,
+                    description=exc.description,
+                    identity=_identity_of(decision),
+                    resource=query.resource,
+                ),
+                f"{access.reason}: {exc.description}",
+            )
             return _upstream_error(exc)
         except CredentialError as exc:
             access.reason = str(exc)
+            self._failed(
+                pod,
+                decision,
+                kube_events.misconfigured_event(
+                    detail=str(exc), identity=_identity_of(decision), resource=query.resource
+                ),
+                f"identity misconfigured: {exc}",
+            )
             return replies.bad_request(f"The identity cannot be used: {exc}")
         except SecretUnavailable as exc:
             access.reason = str(exc)
+            self._failed(
+                pod,
+                decision,
+                kube_events.credential_unavailable_event(
+                    identity=_identity_of(decision), resource=query.resource
+                ),
+                f"credential unavailable: {exc}",
+            )
             return replies.error(
                 503, "server_error", "The identity's credential cannot be read now"
             )
         if self.metrics is not None and not isinstance(decision, Grant | UseNodeIdentity):
             kind = decision.kind if isinstance(decision, Deny) else "not_assigned"
             self.metrics.denials.labels(kind).inc()
+        if self.events is not None:
+            reason, message = kube_events.refusal_event(
+                decision, resource=query.resource, selector=selector
+            )
+            self.events.record(pod, reason=reason, message=message)
         if isinstance(decision, Deny):
             access.reason = decision.reason
             if decision.kind == "multiple":
@@ -284,6 +325,15 @@ class ImdsHandler:
             "The pod's identity is not yet assigned on this node",
             retry_after_header=self.settings.set_retry_after_header,
         )
+
+    def _failed(self, pod: Pod, decision: Decision, event: tuple[str, str], summary: str) -> None:
+        """A token request failed after the decision: an Event on the pod, the last error."""
+        if self.events is not None:
+            reason, message = event
+            self.events.record(pod, reason=reason, message=message)
+        key = error_key(decision)
+        if self.last_errors is not None and key is not None:
+            self.last_errors.record(key, summary)
 
     async def _learn_object_ids(self, pod: Pod, resource: str) -> bool:
         """``object_id`` selects by the identity's service-principal object id, which
@@ -318,6 +368,10 @@ def _body(token: Token, client_id: str, resource: str) -> dict[str, str]:
         resource=resource,
         token_type=token.token_type,
     )
+
+
+def _identity_of(decision: Decision) -> AzureIdentity | None:
+    return decision.identity if isinstance(decision, Grant) else None
 
 
 def _query_error(exc: QueryError) -> web.Response:

@@ -400,7 +400,12 @@ _EVENTS_V1_FIELDS: dict[str, FieldGetter] = {
 AAD_GROUP = "aadpodidentity.k8s.io"
 
 
-def _crd(plural: str, singular: str, kind: str) -> _Resource:
+def _crd(plural: str, singular: str, kind: str, *, status: bool = True) -> _Resource:
+    """A CRD of aad-pod-identity, as daemonset/crds.yaml declares it.
+
+    AzureAssignedIdentity has no status subresource: MIC creates it with its
+    status and patches ``/status/status`` on the main resource.
+    """
     return _Resource(
         group=AAD_GROUP,
         version="v1",
@@ -410,8 +415,8 @@ def _crd(plural: str, singular: str, kind: str) -> _Resource:
         namespaced=True,
         storage=plural,
         custom=True,
-        status_subresource=True,
-        subresources=("status",),
+        status_subresource=status,
+        subresources=("status",) if status else (),
         fields=_fields(True),
         allow_unconditional_update=False,
     )
@@ -529,7 +534,7 @@ _RESOURCES: tuple[_Resource, ...] = (
     ),
     _crd("azureidentities", "azureidentity", "AzureIdentity"),
     _crd("azureidentitybindings", "azureidentitybinding", "AzureIdentityBinding"),
-    _crd("azureassignedidentities", "azureassignedidentity", "AzureAssignedIdentity"),
+    _crd("azureassignedidentities", "azureassignedidentity", "AzureAssignedIdentity", status=False),
     _crd("azurepodidentityexceptions", "azurepodidentityexception", "AzurePodIdentityException"),
 )
 
@@ -1879,7 +1884,8 @@ class KubeApiServer:
         errs: list[_FieldError] = []
         if res.custom:
             meta["generation"] = 1
-            obj.pop("status", None)
+            if res.status_subresource:  # without one, status is part of the object
+                obj.pop("status", None)
         storage = res.storage
         if storage == "pods":
             _default_pod(obj)

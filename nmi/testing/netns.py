@@ -40,6 +40,15 @@ Style ``"bridge"`` (kubenet):
     pod has ``ip/<prefix>`` on ``eth0`` and ``default via 10.244.0.1``.
     nmi must recognise this style from the node's links and routes.
 
+Names: every namespace gets ``/etc/netns/<ns>/resolv.conf`` with
+``nameserver 127.0.0.1`` (nothing listens there), so that under
+``ip netns exec`` a name missing from :meth:`NodeNetns.hosts` fails at once
+instead of sending DNS towards the node, where it dies after a 5 s timeout
+(no route; the node's ICMP errors are rate-limited).  :meth:`NodeNetns.hosts`
+maps names (``login.microsoftonline.com``, a vault) to addresses.  Processes
+that are not started through ``ip netns exec`` (sockets made under
+:meth:`NodeNetns.entered`) still see the host's ``/etc``.
+
 Pods live in ``nmie2e-<tag>-pod-<name>``; their IPs come from ``pod_cidr``
 starting at its second host address (``10.244.0.2``).
 
@@ -91,6 +100,9 @@ _CLONE_NEWNET: Final = 0x40000000
 _IP: Final = shutil.which("ip") or "/usr/sbin/ip"
 _TAG_RE: Final = re.compile(r"[a-z0-9]{1,16}\Z")
 _POD_RE: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?\Z")
+
+_RESOLV_CONF: Final = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+"""DNS inside our namespaces: the namespace's own loopback, where nothing listens."""
 
 _live: set[str] = set()
 """Namespace names owned by not-yet-destroyed :class:`NodeNetns` objects of this process."""
@@ -207,6 +219,17 @@ def _sysctl(ns: str, values: Mapping[str, str | int]) -> None:
         raise NetnsError(f"sysctl in {ns} failed: {result.stderr.strip()}")
 
 
+def _write_etc(ns: str, filename: str, text: str) -> None:
+    """Write ``/etc/netns/<ns>/<filename>``: ``ip netns exec ns`` bind-mounts it on /etc."""
+    _check_ours(ns)
+    directory = _NETNS_ETC_DIR / ns
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{filename}.tmp"
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(directory / filename)
+
+
 def _netns_exists(name: str) -> bool:
     return os.path.lexists(_NETNS_RUN_DIR / name)
 
@@ -226,6 +249,7 @@ def _add_namespace(name: str, state: _State) -> None:
     )
     if result.returncode != 0:
         raise NetnsError(f"ip netns add {name} failed: {result.stderr.strip()}")
+    _write_etc(name, "resolv.conf", _RESOLV_CONF)
 
 
 def _delete_namespace(name: str) -> None:
@@ -465,6 +489,10 @@ class NodeNetns:
         if name in self._pods:
             raise ValueError(f"pod {name} exists")
         address = str(ipaddress.IPv4Address(ip)) if ip is not None else self._allocate()
+        if address in {p.ip for p in self._pods.values()} | set(self._routed_ip.values()):
+            raise ValueError(f"{address} is in use on this node")
+        if address in (self.node_ip, self.metadata_ip, self.bridge_ip):
+            raise ValueError(f"{address} is a node address")
         if self.style == "bridge" and ipaddress.IPv4Address(address) not in self.pod_network:
             raise ValueError(f"{address} is outside {self.pod_cidr}")
         self._seq += 1
@@ -559,7 +587,7 @@ class NodeNetns:
         )
         pod.ip = new
 
-    def hosts(self, ns: str, entries: dict[str, str]) -> None:
+    def hosts(self, ns: str, entries: Mapping[str, str]) -> None:
         """Write ``/etc/netns/<ns>/hosts`` (name -> IP), seen by ``ip netns exec ns``."""
         self._require_ns(ns)
         by_ip: dict[str, list[str]] = {}
@@ -567,12 +595,7 @@ class NodeNetns:
             by_ip.setdefault(str(ipaddress.ip_address(address)), []).append(hostname)
         text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         text += "".join(f"{a}\t{' '.join(names)}\n" for a, names in by_ip.items())
-        directory = _NETNS_ETC_DIR / ns
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / ".hosts.tmp"
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        tmp.replace(directory / "hosts")
+        _write_etc(ns, "hosts", text)
 
     # ------------------------------------------------------------------ entering
 
@@ -626,6 +649,7 @@ class NodeNetns:
         env: Mapping[str, str] | None,
         stdout: Stream,
         stderr: Stream,
+        stdin: Stream = asyncio.subprocess.DEVNULL,
     ) -> tuple[asyncio.subprocess.Process, _Tracked]:
         self._require_ns(ns)
         if not argv:
@@ -636,7 +660,7 @@ class NodeNetns:
             "exec",
             ns,
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=stdin,
             stdout=stdout,
             stderr=stderr,
             env=None if env is None else dict(env),
@@ -681,6 +705,7 @@ class NodeNetns:
         env: Mapping[str, str] | None = None,
         stdout: Stream = asyncio.subprocess.DEVNULL,
         stderr: Stream = asyncio.subprocess.DEVNULL,
+        stdin: Stream = asyncio.subprocess.DEVNULL,
     ) -> asyncio.subprocess.Process:
         """Start ``argv`` in ``ns`` in a new session; it is killed on destroy.
 
@@ -690,7 +715,7 @@ class NodeNetns:
         program's own PID and its process group.  Unread pipes fill up: pass
         ``PIPE`` only for output that is read.
         """
-        proc, _ = await self._exec(ns, argv, env, stdout, stderr)
+        proc, _ = await self._exec(ns, argv, env, stdout, stderr, stdin)
         return proc
 
     async def kill(

@@ -27,6 +27,23 @@ from .world import LoopbackWorld
 METADATA_IP = "169.254.169.254"
 NODE_IP = "10.240.0.4"
 
+# What kube-proxy (iptables mode) has on every real node before nmi arrives.  Besides
+# realism (nmi's rules must coexist with these), it matters: connection tracking is
+# active from the start, as on a real node, so flows opened before nmi keep their
+# original destination unless nmi deletes their conntrack entries.
+KUBE_PROXY_RULES = """\
+*nat
+:KUBE-SERVICES - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+"""
+
 
 @dataclass
 class PodHandle:
@@ -69,9 +86,21 @@ class NodeWorld:
 
     async def start(self) -> None:
         self.net.create()
+        await self._kube_proxy_rules()
         with self.net.entered():
             self.world = LoopbackWorld(imds_host=METADATA_IP, imds_port=80)
             await self.world.start()
+
+    async def _kube_proxy_rules(self) -> None:
+        proc = await self.net.spawn(
+            self.net.node,
+            ["iptables-restore", "-w", "5", "--noflush"],
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate(KUBE_PROXY_RULES.encode())
+        if proc.returncode != 0:
+            raise RuntimeError(f"kube-proxy-like rules failed: {err.decode()}")
 
     async def stop(self) -> None:
         try:
@@ -113,6 +142,7 @@ class NodeWorld:
             "--probe-address=127.0.0.1",
             f"--allowed-authority-hosts={w.aad.authority_host}",
             "--find-identity-retry-interval=1",
+            f"--admin-socket={w.workdir / 'admin.sock'}",
             *extra,
         ]
 
@@ -178,6 +208,19 @@ class NodeWorld:
         code = await asyncio.wait_for(self.nmi.wait(), timeout)
         err = await self.nmi.stderr.read() if self.nmi.stderr else b""
         return code, err.decode()
+
+    async def diagnose(self) -> str:
+        """The node's rules, listeners and processes, for a failing test's message."""
+        parts = []
+        for argv in (
+            ["iptables-nft-save"],
+            ["iptables-legacy-save"],
+            ["ss", "-ltnp"],
+            ["conntrack", "-L"],
+        ):
+            code, out, err = await self.net.run(self.net.node, argv)
+            parts.append(f"$ {' '.join(argv)} -> {code}\n{out}{err}")
+        return "\n".join(parts)
 
     # -- pods ---------------------------------------------------------------
 

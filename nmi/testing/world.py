@@ -340,10 +340,7 @@ class LoopbackWorld:
             "aadpodidentity.k8s.io/v1", "AzureAssignedIdentity", name, "default"
         )
         if existing is None:
-            created = self.kube.create(obj)
-            if state != created.get("status", {}).get("status"):
-                return self.set_assignment_state(pod, identity, state)
-            return created
+            return self.kube.create(obj)  # MIC creates it with its status filled in
         return self.set_assignment_state(pod, identity, state)
 
     def set_assignment_state(
@@ -351,13 +348,13 @@ class LoopbackWorld:
     ) -> dict[str, Any]:
         meta = pod["metadata"]
         name = f"{meta['name']}-{meta['namespace']}-{identity.name}"
+        # MIC patches the status on the main resource (the CRD has no status subresource).
         return self.kube.patch(
             "aadpodidentity.k8s.io/v1",
             "AzureAssignedIdentity",
             name,
             "default",
             {"status": {"status": state}},
-            subresource="status",
         )
 
     def unassign(self, pod: dict[str, Any], identity: Identity) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import errno
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -316,15 +317,55 @@ async def test_set_pod_ip_changes_only_the_pod(net: NodeNetns) -> None:
     assert await curl(net, a.ns, f"http://{net.node_ip}:8080/") == (0, original, "")
 
 
+async def reverse_path_drops(net: NodeNetns) -> int:
+    """TcpExt IPReversePathFilter of the node namespace: packets rp_filter dropped."""
+    lines = (await run_ok(net, net.node, ["cat", "/proc/net/netstat"])).splitlines()
+    header, values = next(
+        (h.split(), v.split()) for h, v in itertools.pairwise(lines) if h.startswith("TcpExt:")
+    )
+    return int(values[header.index("IPReversePathFilter")])
+
+
+async def test_strict_rp_filter_drops_a_stolen_address() -> None:
+    async with NodeNetns(rp_filter=1) as net:
+        a, b = net.add_pod("a"), net.add_pod("b")
+        assert (
+            await run_ok(net, net.node, ["cat", "/proc/sys/net/ipv4/conf/all/rp_filter"]) == "1\n"
+        )
+        original = a.ip
+        before = await reverse_path_drops(net)
+        net.set_pod_ip("a", b.ip)
+        assert a.ip == b.ip  # the Pod record follows
+        await run_ok(net, a.ns, [sys.executable, "-c", UDP_SEND, net.node_ip, "9999", "x"])
+        deadline = time.monotonic() + 10
+        while await reverse_path_drops(net) == before:
+            assert time.monotonic() < deadline, "rp_filter dropped nothing"
+            await asyncio.sleep(0.02)
+        net.set_pod_ip("a", original)
+        addr = await run_ok(net, a.ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        assert f"inet {original}/32" in addr and f"inet {b.ip}/" not in addr
+
+
 async def test_remove_pod_and_hosts_file(net: NodeNetns) -> None:
     a, b = net.add_pod("a"), net.add_pod("b", ip="10.244.0.77")
     assert b.ip == "10.244.0.77"
+    with pytest.raises(ValueError):
+        net.add_pod("d", ip=b.ip)
+    with pytest.raises(ValueError):
+        net.add_pod("Bad_Name")
+    assert len(net.namespaces) == 3
     net.hosts(a.ns, {"login.microsoftonline.com": net.node_ip, "myvault.vault.azure.net": b.ip})
     out = await run_ok(net, a.ns, ["getent", "hosts", "login.microsoftonline.com"])
     assert out.split()[0] == net.node_ip
     out = await run_ok(net, a.ns, ["getent", "hosts", "myvault.vault.azure.net"])
     assert out.split()[0] == b.ip
     assert exists(f"/etc/netns/{a.ns}/hosts")
+    # Names missing from the hosts file fail at once: DNS goes to the pod's own loopback.
+    started = time.monotonic()
+    for _ in range(3):
+        code, _, _ = await net.run(a.ns, ["getent", "hosts", "nowhere.invalid"])
+        assert code == 2
+    assert time.monotonic() - started < 3
     sleeper = await net.spawn(a.ns, ["sleep", "300"])
 
     net.remove_pod("a")

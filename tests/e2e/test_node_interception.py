@@ -95,7 +95,7 @@ async def test_kill_9_leaves_pods_refused_and_restart_adopts_rules(node: NodeWor
     await node.net.kill(node.nmi)
     reply = await node.token(alice)
     # refused (connection refused), never answered by the node's own IMDS
-    assert reply.exit_code != 0 and reply.status == 0
+    assert reply.exit_code != 0 and reply.status == 0, await node.diagnose()
     assert node.w.imds.http_requests_total == imds_requests
     manager = RuleManager(
         RuleSpec(metadata_ip=METADATA_IP, metadata_port=80, target_ip=NODE_IP, target_port=2579),
@@ -135,7 +135,7 @@ async def test_flushed_chain_is_restored(node: NodeWorld) -> None:
     code, _, err = await node.net.run(
         node.net.node, ["iptables", "-w", "-t", "nat", "-F", "NMI-METADATA"]
     )
-    assert code == 0, err
+    assert code == 0, err + await node.diagnose()
     manager = RuleManager(
         RuleSpec(metadata_ip=METADATA_IP, metadata_port=80, target_ip=NODE_IP, target_port=2579),
         command_prefix=("ip", "netns", "exec", node.net.node),
@@ -155,3 +155,64 @@ async def test_bridge_node_needs_explicit_permission() -> None:
         assert code != 0 and "allow-network-plugin-kubenet" in err
         await node.start_nmi("--allow-network-plugin-kubenet")
         assert (await node.token(alice)).status == 200
+
+
+async def test_uninstall_is_the_only_way_out(node: NodeWorld) -> None:
+    alice, _ = await bound(node, "alice")
+    await node.start_nmi()
+    assert node.nmi is not None
+    await node.net.kill(node.nmi)
+    code, out, err = await node.net.run(node.net.node, [sys.executable, "-m", "nmi", "uninstall"])
+    assert code == 0 and "removed" in out, err
+    code, save, _ = await node.net.run(node.net.node, ["iptables-save"])
+    assert "NMI-" not in save
+    # with nmi gone for good, pods reach the node's IMDS again (as before nmi was installed)
+    reply = await node.curl(alice, "/metadata/instance?api-version=2021-02-01")
+    assert reply.status == 200
+    code, out, _ = await node.net.run(node.net.node, [sys.executable, "-m", "nmi", "uninstall"])
+    assert code == 0 and "no interception rules" in out
+
+
+async def _keepalive(node: NodeWorld, pod):  # type: ignore[no-untyped-def]
+    proc = await node.net.spawn(
+        pod.ns,
+        [sys.executable, str(Path(__file__).parent / "clients" / "keepalive.py")],
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"connected"
+    return proc
+
+
+async def _ask(proc) -> str:  # type: ignore[no-untyped-def]
+    proc.stdin.write(b"\n")
+    await proc.stdin.drain()
+    return (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().strip()
+
+
+async def test_conntrack_deletion_cuts_flows_opened_before_the_rules(node: NodeWorld) -> None:
+    pod = node.add_pod("early")
+    # A flow opened before nmi's rules goes to the node's own IMDS...
+    before = await _keepalive(node, pod)
+    assert await _ask(before) == "200"
+    await node.start_nmi()
+    # ...and, without conntrack deletion, keeps going there after the rules are in.
+    assert await _ask(before) == "200"
+    await node.net.kill(before)
+    assert node.nmi is not None
+    await node.net.kill(node.nmi)
+    code, _, err = await node.net.run(node.net.node, [sys.executable, "-m", "nmi", "uninstall"])
+    assert code == 0, err
+
+    early = await _keepalive(node, pod)
+    assert await _ask(early) == "200"
+    served = node.w.imds.http_requests_total
+    await node.start_nmi("--enable-conntrack-deletion")
+    answer = await _ask(early)
+    if not answer.startswith("error"):
+        await node.net.kill(node.nmi)
+        _, log = await node.wait_exit()
+        raise AssertionError(f"the early flow still reached the node IMDS: {answer}\n{log}")
+    assert node.w.imds.http_requests_total == served
+    await node.net.kill(early)

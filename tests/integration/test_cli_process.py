@@ -63,6 +63,7 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
         "--log-format=json",
         "--MICNamespace=default",
         "--manage-iptables=false",  # this test runs in the host namespace
+        f"--admin-socket={world.workdir / 'admin.sock'}",
         stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -241,7 +241,7 @@ async def test_create_get_list_with_selectors(kube: KubeApiServer, api: client.A
     item = listed["items"][0]
     assert item["kind"] == "AzureAssignedIdentity"
     assert item["spec"]["AzureIdentityRef"]["spec"]["ClientID"] == "c-1"  # not pruned
-    assert "status" not in item  # status subresource: ignored on create
+    assert item["status"]["status"] == "Assigned"  # no status subresource: kept on create
 
     kube.create(
         {
@@ -428,25 +428,47 @@ async def test_merge_and_json_patch(kube: KubeApiServer, api: client.ApiClient) 
 
 async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) -> None:
     custom = client.CustomObjectsApi(api)
-    kube.create(assigned_identity("aai", "n1"))
     merge = "application/merge-patch+json"
-    args = (AAD, "v1", "default", "azureassignedidentities", "aai")
+    kube.create(
+        {
+            "apiVersion": f"{AAD}/v1",
+            "kind": "AzureIdentity",
+            "metadata": {"name": "ai", "namespace": "default"},
+            "spec": {"type": 0, "clientID": "c"},
+            "status": {"availableReplicas": 9},
+        }
+    )
+    args = (AAD, "v1", "default", "azureidentities", "ai")
+    created = await custom.get_namespaced_custom_object(*args)
+    assert "availableReplicas" not in created.get("status", {})  # dropped on create
 
     with_status = await custom.patch_namespaced_custom_object_status(
-        *args, {"status": {"status": "Assigned"}, "spec": {"Pod": "ignored"}}, _content_type=merge
+        *args, {"status": {"availableReplicas": 1}, "spec": {"clientID": "x"}}, _content_type=merge
     )
-    assert with_status["status"] == {"status": "Assigned"}
-    assert with_status["spec"]["Pod"] == "p1" and with_status["metadata"]["generation"] == 1
+    assert with_status["status"] == {"availableReplicas": 1}
+    assert with_status["spec"]["clientID"] == "c" and with_status["metadata"]["generation"] == 1
 
     main = await custom.patch_namespaced_custom_object(
         *args,
-        {"status": {"status": "ignored"}, "metadata": {"labels": {"l": "v"}}},
+        {"status": {"availableReplicas": 5}, "metadata": {"labels": {"l": "v"}}},
         _content_type=merge,
     )
-    assert main["status"] == {"status": "Assigned"} and main["metadata"]["labels"]["l"] == "v"
+    assert main["status"] == {"availableReplicas": 1} and main["metadata"]["labels"]["l"] == "v"
     assert main["metadata"]["generation"] == 1
     got = await custom.get_namespaced_custom_object_status(*args)
-    assert got["status"] == {"status": "Assigned"}
+    assert got["status"] == {"availableReplicas": 1}
+
+    # AzureAssignedIdentity has no status subresource (as aad-pod-identity's CRD): MIC creates
+    # it with its status and patches status on the main resource.
+    kube.create(assigned_identity("aai", "n1"))
+    aai = (AAD, "v1", "default", "azureassignedidentities", "aai")
+    patched = await custom.patch_namespaced_custom_object(
+        *aai, {"status": {"status": "Assigned"}}, _content_type=merge
+    )
+    assert patched["status"]["status"] == "Assigned"
+    with pytest.raises(ApiException) as err:
+        await custom.get_namespaced_custom_object_status(*aai)
+    assert err.value.status == 404
 
     core = client.CoreV1Api(api)
     kube.create(pod("p1"))
@@ -468,7 +490,7 @@ async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) ->
     with pytest.raises(ApiException) as err:
         await core.patch_namespaced_pod("p1", "default", {"spec": {"nodeName": "n9"}})
     assert err.value.status == 422
-    assert kube.requests["PATCH azureassignedidentities/status"] == 1
+    assert kube.requests["PATCH azureidentities/status"] == 1
 
 
 async def test_finalizers_delay_deletion(kube: KubeApiServer, api: client.ApiClient) -> None:
