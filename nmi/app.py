@@ -85,6 +85,9 @@ class Daemon:
         self.started_at = time.monotonic()
         self.probes.add_check("watches", self._watches_check)
         self.probes.add_check("listener", lambda: None if self.listening else "not listening")
+        if s.manage_iptables:
+            # Registered before anything listens: never ready before the path is verified.
+            self.probes.add_check("interception", self._interception_check)
         await self.probes.start(s.probe_address, s.http_probe_port)
         await self.metrics_server.start(s.metrics_address, s.prometheus_port)
 
@@ -187,7 +190,6 @@ class Daemon:
             target_port=self.port,
             pod_ips=lambda: [ip for p in self.index.pods() if p.can_call for ip in p.ips],
         )
-        self.probes.add_check("interception", self.interception.readiness)
         self.interception.on_result = lambda result: self.metrics.reconciles.labels(
             result.status.value
         ).inc()
@@ -269,6 +271,11 @@ class Daemon:
             [],
             [([], self.handler.in_flight if self.handler else 0)],
         )
+
+    def _interception_check(self) -> str | None:
+        if self.interception is None:
+            return "interception rules not installed yet"
+        return self.interception.readiness()
 
     def _watches_check(self) -> str | None:
         if self.watch is None:

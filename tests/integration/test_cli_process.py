@@ -102,3 +102,95 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def start_process(
+    world: LoopbackWorld, *extra: str
+) -> tuple[asyncio.subprocess.Process, int]:
+    port, probe = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nmi",
+        f"--node={world.node}",
+        f"--kubeconfig={world.kubeconfig}",
+        f"--nmi-port={port}",
+        "--metadata-ip=127.0.0.1",
+        f"--metadata-port={world.imds.port}",
+        f"--http-probe-port={probe}",
+        "--probe-address=127.0.0.1",
+        f"--prometheus-port={free_port()}",
+        "--prometheus-address=127.0.0.1",
+        f"--allowed-authority-hosts={world.aad.authority_host}",
+        "--manage-iptables=false",
+        f"--admin-socket={world.workdir / 'admin.sock'}",
+        *extra,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"http://127.0.0.1:{probe}/readyz") as resp:
+                    if resp.status == 200:
+                        return proc, port, probe
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)  # a separate process: its probe is the only signal
+    proc.kill()
+    raise AssertionError("nmi never became ready")
+
+
+async def pod_request(world: LoopbackWorld, pod: dict, port: int) -> int:  # type: ignore[type-arg]
+    connector = aiohttp.TCPConnector(local_addr=(world.pod_ip(pod), 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = (
+            f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
+            "?api-version=2018-02-01&resource=https://vault.azure.net"
+        )
+        async with session.get(url, headers={"Metadata": "true"}) as resp:
+            return resp.status
+
+
+async def test_sigterm_finishes_in_flight_requests(world: LoopbackWorld) -> None:
+    ident = world.add_service_principal("drain-id")
+    pod = world.add_pod("drain", selector=ident.selector)
+    world.assign(pod, ident)
+    world.aad.latency = 1.5
+    proc, port, _ = await start_process(world, "--shutdown-grace=10")
+    try:
+        request = asyncio.create_task(pod_request(world, pod, port))
+        await world.aad.wait_for_requests(1)  # the request is in flight, upstream
+        proc.send_signal(signal.SIGTERM)
+        assert await request == 200
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_second_signal_exits_at_once(world: LoopbackWorld) -> None:
+    ident = world.add_service_principal("stuck-id")
+    pod = world.add_pod("stuck", selector=ident.selector)
+    world.assign(pod, ident)
+    world.aad.latency = 60
+    proc, port, probe = await start_process(world, "--shutdown-grace=30")
+    request = asyncio.create_task(pod_request(world, pod, port))
+    try:
+        await world.aad.wait_for_requests(1)
+        proc.send_signal(signal.SIGTERM)
+        # stopping: no longer ready (signals sent back to back would merge into one)
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(f"http://127.0.0.1:{probe}/readyz") as resp:
+                    if resp.status == 503:
+                        break
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 5)
+        assert code != 0
+    finally:
+        request.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
