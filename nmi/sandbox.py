@@ -188,7 +188,11 @@ async def node_demo(*, once: bool) -> int:
             f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
             f"  ip netns exec {unbound.ns} curl -s -H Metadata:true "
             f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
-            f"  ip netns exec {node.net.node} iptables -t nat -S NMI-METADATA   (nmi's rules)"
+            f"  ip netns exec {node.net.node} iptables -t nat -S NMI-METADATA   (nmi's rules)\n"
+            f"  ip netns exec {node.net.node} {sys.executable} -m nmi explain default/no-identity "
+            f"--kubeconfig {w.kubeconfig} --admin-socket {w.workdir / 'admin.sock'}\n"
+            f"  KUBECONFIG={w.kubeconfig} ip netns exec {node.net.node} "
+            "kubectl get azureidentities,azureassignedidentities -A   (the emulated API server)"
         )
         await _until_signalled()
         print("\nstopping the sandbox and removing its namespaces")
