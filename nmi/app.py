@@ -16,12 +16,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 from aiohttp import web
 from prometheus_client.core import Metric
 
-from .config import Settings
+from .config import OperationMode, Settings
 from .explain import AdminServer, LastErrors
 from .identity.resolver import Resolver
 from .interception import netfacts
@@ -32,6 +32,7 @@ from .kube.index import ClusterIndex
 from .kube.informer import RawApi
 from .kube.secrets import SecretStore
 from .observability.events import EventRecorder
+from .observability.looplag import LoopLag
 from .observability.metrics import Metrics, MetricsServer, counter, gauge
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
@@ -55,6 +56,7 @@ class Daemon:
         self.probes = Probes()
         self.metrics = Metrics()
         self.metrics_server = MetricsServer(self.metrics)
+        self.loop_lag = LoopLag(observe=self.metrics.loop_lag.observe)
         self.metrics.add_collector(self._collect)
         self.watch: ClusterWatch | None = None
         self.secrets: SecretStore | None = None
@@ -143,6 +145,10 @@ class Daemon:
         if s.manage_iptables:
             await self._intercept()
         self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._background.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
+        self._background.append(
+            asyncio.create_task(self.cache.run_refresher(in_use=self._token_in_use), name="refresh")
+        )
         self._background.append(
             asyncio.create_task(self.secrets.run_janitor(), name="secret-janitor")
         )
@@ -271,6 +277,21 @@ class Daemon:
             [],
             [([], self.handler.in_flight if self.handler else 0)],
         )
+
+    def _token_in_use(self, key: Hashable) -> bool:
+        """Does a pod of this node still have the identity this cached token belongs to?"""
+        if not isinstance(key, tuple) or not key:
+            return False
+        if key[0] == "node":
+            return any(
+                exc.matches(pod)
+                for pod in self.index.pods()
+                if pod.can_call
+                for exc in self.index.exceptions_in(pod.meta.namespace)
+            )
+        if self.settings.operation_mode is OperationMode.MANAGED:
+            return key[1] in self.index.bound_identity_keys()
+        return key[1] in self.index.assigned_identity_keys()
 
     def _interception_check(self) -> str | None:
         if self.interception is None:

@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "nft", "legacy"],
         help="iptables backend (auto: the one the node's other rules use)",
     )
+    p.add_argument(
+        "--per-pod-rate",
+        type=float,
+        default=10.0,
+        help="requests/s per pod that may cost upstream calls or waits (0: unlimited); "
+        "beyond it a pod is served from the cache or gets 429",
+    )
+    p.add_argument("--per-pod-burst", type=float, default=50.0, help="burst of --per-pod-rate")
     _bool_flag(
         p, "--kube-events", True, "record Kubernetes Events on pods whose token request fails"
     )
@@ -246,6 +254,8 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         shutdown_grace=args.shutdown_grace,
         custom_user_agent=args.custom_user_agent,
         node_ip=args.node_ip,
+        per_pod_rate=args.per_pod_rate,
+        per_pod_burst=args.per_pod_burst,
         manage_iptables=args.manage_iptables,
         iptables_backend=args.iptables_backend,
         kube_events=args.kube_events,

@@ -81,6 +81,8 @@ class Settings:
     shutdown_grace: float = 10.0
     custom_user_agent: str = ""
     node_ip: str = ""
+    per_pod_rate: float = 10.0
+    per_pod_burst: float = 50.0
     manage_iptables: bool = True
     iptables_backend: str = "auto"
     kube_events: bool = True
@@ -115,6 +117,8 @@ class Settings:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"--node-ip={self.node_ip!r} is not an IPv4 address") from None
+        if self.per_pod_rate < 0 or self.per_pod_burst < 1:
+            raise ConfigError("--per-pod-rate must be >= 0 and --per-pod-burst >= 1")
         if self.iptables_backend not in ("auto", "nft", "legacy"):
             raise ConfigError("--iptables-backend must be auto, nft or legacy")
 

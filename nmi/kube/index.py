@@ -96,6 +96,30 @@ class ClusterIndex:
         found = self._exceptions_by_ns.get(namespace)
         return list(found.values()) if found else []
 
+    def assigned_identity_keys(self) -> set[str]:
+        """UIDs (or namespace/name) of identities MIC assigned to pods on this node."""
+        keys: set[str] = set()
+        for bucket in self._assigned_by_pod.values():
+            for assignment in bucket.values():
+                ident = assignment.identity
+                keys.add(ident.meta.uid or f"{ident.meta.namespace}/{ident.meta.name}")
+        return keys
+
+    def bound_identity_keys(self) -> set[str]:
+        """UIDs of identities whose bindings select a pod of this node (managed mode)."""
+        keys: set[str] = set()
+        for pod in self._pods.values():
+            label = pod.binding_label
+            if not label or not pod.can_call:
+                continue
+            for binding in self.bindings_with_selector(label):
+                if binding.meta.namespace != pod.meta.namespace:
+                    continue
+                ident = self._identities.get((binding.meta.namespace, binding.azure_identity))
+                if ident is not None:
+                    keys.add(ident.meta.uid or f"{ident.meta.namespace}/{ident.meta.name}")
+        return keys
+
     # -- watch handlers -----------------------------------------------------
 
     def on_pod(self, kind: str, old: Pod | None, new: Pod | None) -> None:

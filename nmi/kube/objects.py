@@ -157,6 +157,10 @@ class AzureIdentity:
     ad_endpoint: str
     secret_ref: SecretRef | None
     auxiliary_tenant_ids: tuple[str, ...] = ()
+    # A digest of everything that produces this identity's credential.  Changes of
+    # unrelated metadata (labels, status, resourceVersion) keep it, so cached tokens
+    # survive them; a changed client id, tenant, endpoint or secret reference does not.
+    fingerprint: str = field(init=False, repr=False, compare=False, default="")
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> AzureIdentity:
@@ -195,14 +199,8 @@ class AzureIdentity:
                 return True
         return False
 
-    @property
-    def fingerprint(self) -> str:
-        """A digest of everything that produces this identity's credential.
-
-        Changes of unrelated metadata (labels, status, resourceVersion) keep
-        the fingerprint, so cached tokens survive them; a changed client id,
-        tenant, endpoint or secret reference does not.
-        """
+    def __post_init__(self) -> None:
+        # Computed once, when the watch delivers the object: the request path only reads it.
         ref = self.secret_ref
         parts = [
             str(self.type),
@@ -212,7 +210,8 @@ class AzureIdentity:
             self.ad_endpoint.lower(),
             f"{ref.namespace}/{ref.name}" if ref else "",
         ]
-        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+        object.__setattr__(self, "fingerprint", digest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "nmi_event_loop_lag_seconds",
+            "How late the event loop ran a periodic timer (blocking work shows here).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.reconciles = Counter(
             "nmi_iptables_reconcile",
             "iptables reconcile results.",

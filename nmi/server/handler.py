@@ -35,6 +35,8 @@ from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
 from ..observability import events as kube_events
 from ..observability.metrics import Metrics
+from ..ratelimit import Buckets
+from ..tokens.cache import UpstreamNotAllowed
 from ..tokens.credentials import CredentialError
 from ..tokens.model import Token, UpstreamError
 from ..tokens.service import TokenService
@@ -90,6 +92,11 @@ class ImdsHandler:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.pod_limits = (
+            Buckets(rate=settings.per_pod_rate, burst=settings.per_pod_burst)
+            if settings.per_pod_rate > 0
+            else None
+        )
         self.events = events
         self.last_errors = last_errors
         self.resolver = resolver
@@ -237,6 +244,19 @@ class ImdsHandler:
         self, pod: Pod, query: TokenQuery, access: Access
     ) -> web.StreamResponse | tuple[Token, str]:
         selector = query.selector
+        over = self.pod_limits.take(pod.meta.uid or pod.meta.key) if self.pod_limits else None
+        if over is not None:
+            # Over its budget: served only from the cache, never upstream work or waiting.
+            try:
+                return await self._serve_cached(pod, query, access)
+            except UpstreamNotAllowed:
+                access.reason = "per-pod rate limit"
+                return replies.error(
+                    429,
+                    "too_many_requests",
+                    "Too many requests from this pod",
+                    retry_after=over.retry_after(),
+                )
         decision, waited = await self.resolver.resolve(pod, selector)
         access.waited_ms = waited * 1000
         if waited > 0.001 and self.metrics is not None:
@@ -334,6 +354,36 @@ class ImdsHandler:
         key = error_key(decision)
         if self.last_errors is not None and key is not None:
             self.last_errors.record(key, summary)
+
+    async def _serve_cached(
+        self, pod: Pod, query: TokenQuery, access: Access
+    ) -> web.StreamResponse | tuple[Token, str]:
+        """The rate-limited path: the current decision, and a token only from the cache."""
+        selector = query.selector
+        decision = self.resolver.decide_now(pod, selector)
+        if isinstance(decision, Grant):
+            identity = decision.identity
+            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
+            token, _ = await self.tokens.for_identity(identity, query.resource, upstream=False)
+            access.cache = "hit"
+            return token, identity.client_id or token.client_id
+        if isinstance(decision, UseNodeIdentity):
+            access.identity = f"node (exception {decision.exception})"
+            token, _ = await self.tokens.for_node(
+                resource=query.resource,
+                client_id=selector.client_id,
+                object_id=selector.object_id,
+                resource_id=selector.resource_id,
+                upstream=False,
+            )
+            access.cache = "hit"
+            return token, token.client_id or selector.client_id
+        if isinstance(decision, Deny):  # refusing costs nothing: answer it as usual
+            access.reason = decision.reason
+            if decision.kind == "multiple":
+                return replies.multiple_identities()
+            return replies.identity_not_found()
+        raise UpstreamNotAllowed()
 
     async def _learn_object_ids(self, pod: Pod, resource: str) -> bool:
         """``object_id`` selects by the identity's service-principal object id, which

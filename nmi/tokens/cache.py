@@ -9,9 +9,15 @@
 * A token is never handed out with :data:`SERVE_FLOOR` seconds or less left
   (clients treat tokens with 5 minutes or less as expired and would fetch on
   every call).
-* A token is refreshed ahead of expiry: a request that finds it past its
-  refresh time is answered from the cache at once and starts one background
-  refresh; a failed refresh keeps the still-valid token in service.
+* A token is refreshed ahead of expiry, with jitter: a background refresher
+  renews the tokens whose identity a pod on the node still has (SDKs cache
+  tokens and return only near expiry, so recency of requests is no measure),
+  once for all pods of the identity;
+  a request that finds a token past its refresh time is answered from the
+  cache at once.  A failed refresh keeps the still-valid token in service.
+* Throttling is honoured: after an upstream 429 with ``Retry-After`` the key
+  is not sent upstream again before that time; misses meanwhile get the same
+  retryable error at once (cached tokens keep being served).
 
 The cache is consulted only after the identity decision for the request has
 passed: it stores tokens, never permissions.
@@ -35,14 +41,24 @@ CLIENT_EXPIRY_MARGIN = 300  # SDKs treat tokens with 5 minutes or less left as e
 SERVE_FLOOR = 330  # seconds a cached token must still have to be served
 MIN_REFRESH_LEAD = 600  # refresh at least this long before SERVE_FLOOR is reached
 RETRY_REFRESH_AFTER = 30.0  # after a failed or useless refresh
+REFRESH_IDLE_LIMIT = 86400.0  # tokens nobody asked for in a day are left to expire
+
+
+Fetch = Callable[[], Awaitable[Token]]
+
+
+class UpstreamNotAllowed(Exception):
+    """The caller may not cause an upstream call now (see ``get(upstream=False)``)."""
 
 
 @dataclass(slots=True)
 class _Entry:
     token: Token
     refresh_at: float
+    fetch: Fetch
     next_attempt: float = 0.0
     last_used: float = 0.0
+    last_refresh: float = 0.0
 
 
 class TokenCache:
@@ -51,10 +67,12 @@ class TokenCache:
         self._entries: dict[Hashable, _Entry] = {}
         self._flights: dict[Hashable, asyncio.Task[Token]] = {}
         self._refreshing: set[asyncio.Task[Token]] = set()
+        self._cooldown: dict[Hashable, tuple[float, UpstreamError]] = {}
         self.hits = 0
         self.misses = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self.throttled = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,8 +81,14 @@ class TokenCache:
         entry = self._entries.get(key)
         return entry.token if entry is not None else None
 
-    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[Token]]) -> tuple[Token, bool]:
-        """The token for ``key`` and whether it came from the cache."""
+    async def get(
+        self, key: Hashable, fetch: Fetch, *, upstream: bool = True
+    ) -> tuple[Token, bool]:
+        """The token for ``key`` and whether it came from the cache.
+
+        With ``upstream=False`` a miss raises :class:`UpstreamNotAllowed`
+        instead of calling upstream (joining a call already in flight is fine).
+        """
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and entry.token.expires_on - now > SERVE_FLOOR:
@@ -72,15 +96,56 @@ class TokenCache:
             self.hits += 1
             if now >= entry.refresh_at and now >= entry.next_attempt and key not in self._flights:
                 entry.next_attempt = now + RETRY_REFRESH_AFTER
-                self._start(key, fetch, background=True)
+                self._start(key, entry.fetch, background=True)
             return entry.token, True
+        if not upstream:
+            joined = self._flights.get(key)
+            if joined is None:
+                raise UpstreamNotAllowed()
+            return await asyncio.shield(joined), False  # joining costs no upstream call
         self.misses += 1
+        cooling = self._cooldown.get(key)
+        if cooling is not None:
+            until, error = cooling
+            if now < until:
+                self.throttled += 1
+                raise UpstreamError(
+                    error=error.error,
+                    description=error.description,
+                    status=error.status,
+                    retryable=True,
+                    retry_after=max(1, int(until - now + 0.999)),
+                    source=error.source,
+                )
+            del self._cooldown[key]
         flight = self._flights.get(key) or self._start(key, fetch, background=False)
         return await asyncio.shield(flight), False
 
-    def _start(
-        self, key: Hashable, fetch: Callable[[], Awaitable[Token]], *, background: bool
-    ) -> asyncio.Task[Token]:
+    async def run_refresher(
+        self, *, in_use: Callable[[Hashable], bool], interval: float = 1.0
+    ) -> None:
+        """Renew, ahead of expiry, the tokens pods still use; forever."""
+        while True:
+            await asyncio.sleep(interval)
+            self.refresh_due(in_use=in_use)
+
+    def refresh_due(self, *, in_use: Callable[[Hashable], bool]) -> int:
+        """Start a background refresh for every due token still in use."""
+        now = self._clock()
+        started = 0
+        for key, entry in list(self._entries.items()):
+            if now < entry.refresh_at or now < entry.next_attempt or key in self._flights:
+                continue
+            # SDKs cache tokens themselves and come back only near expiry, so "in use" is
+            # the identity still being a pod's on this node (and asked for within a day).
+            if now - entry.last_used > REFRESH_IDLE_LIMIT or not in_use(key):
+                continue
+            entry.next_attempt = now + RETRY_REFRESH_AFTER
+            self._start(key, entry.fetch, background=True)
+            started += 1
+        return started
+
+    def _start(self, key: Hashable, fetch: Fetch, *, background: bool) -> asyncio.Task[Token]:
         task = asyncio.create_task(self._fetch(key, fetch, background=background))
         self._flights[key] = task
         if background:
@@ -89,11 +154,16 @@ class TokenCache:
             task.add_done_callback(_consume)
         return task
 
-    async def _fetch(
-        self, key: Hashable, fetch: Callable[[], Awaitable[Token]], *, background: bool
-    ) -> Token:
+    async def _fetch(self, key: Hashable, fetch: Fetch, *, background: bool) -> Token:
         try:
             token = await fetch()
+        except UpstreamError as exc:
+            if exc.status == 429 and exc.retry_after:
+                self._cooldown[key] = (self._clock() + exc.retry_after, exc)
+            if background:
+                self.refresh_failures += 1
+                log.warning("background token refresh failed; the cached token stays in service")
+            raise
         except Exception:
             if background:
                 self.refresh_failures += 1
@@ -112,10 +182,10 @@ class TokenCache:
             )
         if background:
             self.refreshes += 1
-        self._store(key, token)
+        self._store(key, token, fetch)
         return token
 
-    def _store(self, key: Hashable, token: Token) -> None:
+    def _store(self, key: Hashable, token: Token, fetch: Fetch) -> None:
         now = self._clock()
         remaining = token.expires_on - now
         lead = max(token.lifetime / 3, MIN_REFRESH_LEAD)
@@ -125,8 +195,15 @@ class TokenCache:
         if previous is not None and previous.token.expires_on >= token.expires_on:
             # Upstream returned the same (cached) token: do not ask again at once.
             previous.next_attempt = now + max(RETRY_REFRESH_AFTER, min(300.0, remaining / 10))
+            previous.last_refresh = now
             return
-        self._entries[key] = _Entry(token=token, refresh_at=refresh_at, last_used=now)
+        self._entries[key] = _Entry(
+            token=token,
+            refresh_at=refresh_at,
+            fetch=fetch,
+            last_used=previous.last_used if previous is not None else now,
+            last_refresh=now,
+        )
 
     def invalidate(self, predicate: Callable[[Hashable], bool]) -> int:
         doomed = [k for k in self._entries if predicate(k)]

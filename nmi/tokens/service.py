@@ -88,7 +88,9 @@ class TokenService:
             )
         return namespace, ref.name
 
-    async def for_identity(self, identity: AzureIdentity, resource: str) -> tuple[Token, bool]:
+    async def for_identity(
+        self, identity: AzureIdentity, resource: str, *, upstream: bool = True
+    ) -> tuple[Token, bool]:
         key = await self.cache_key(identity, resource)
 
         async def fetch() -> Token:
@@ -96,7 +98,7 @@ class TokenService:
             self._learn(identity, token)
             return token
 
-        return await self.cache.get(key, fetch)
+        return await self.cache.get(key, fetch, upstream=upstream)
 
     async def _fetch(self, identity: AzureIdentity, resource: str) -> Token:
         if identity.type == IdentityType.USER_ASSIGNED_MSI:
@@ -151,7 +153,13 @@ class TokenService:
                 )
 
     async def for_node(
-        self, *, resource: str, client_id: str = "", object_id: str = "", resource_id: str = ""
+        self,
+        *,
+        resource: str,
+        client_id: str = "",
+        object_id: str = "",
+        resource_id: str = "",
+        upstream: bool = True,
     ) -> tuple[Token, bool]:
         """The node's own identity (exception pods), through the node IMDS."""
         key = ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
@@ -167,4 +175,4 @@ class TokenService:
                 ),
             )
 
-        return await self.cache.get(key, fetch)
+        return await self.cache.get(key, fetch, upstream=upstream)

@@ -40,6 +40,7 @@ import requests
 from cachetools import LRUCache
 
 from ..config import Settings
+from ..ratelimit import Pacer
 from .credentials import Authority, Credential
 from .model import Token, UpstreamError
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 IMDS_MAX_IN_FLIGHT = 5  # Azure's per-VM limit for managed-identity token requests
+IMDS_RATE = 15.0  # requests/s, paced below Azure's 20/s per VM
+IMDS_BURST = 5.0
 
 
 class _Recording(threading.local):
@@ -178,6 +181,7 @@ class Upstream:
         self.settings = settings
         self._executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="msal")
         self._imds_slots = asyncio.Semaphore(IMDS_MAX_IN_FLIGHT)
+        self.imds_pacer = Pacer(rate=IMDS_RATE, burst=IMDS_BURST)
         self._apps: LRUCache[tuple[str, ...], Any] = LRUCache(maxsize=1024)
         self._apps_lock = threading.Lock()
         self.calls = 0
@@ -235,6 +239,7 @@ class Upstream:
                 session.close()
 
         async with self._imds_slots:
+            await self.imds_pacer.wait()
             return await self._run(call)
 
     # -- Azure AD -----------------------------------------------------------

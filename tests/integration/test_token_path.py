@@ -300,10 +300,13 @@ async def test_upstream_errors_map_to_contract(running: LoopbackWorld) -> None:
     running.imds.fail_next(1, status=429, retry_after=3)
     reply = await running.get_token(running.pod_ip(mi_pod), VAULT)
     assert reply.status == 429 and reply.headers["Retry-After"] == "3"
+    # honoured: nothing goes upstream for that token before Retry-After
+    reply = await running.get_token(running.pod_ip(mi_pod), VAULT)
+    assert reply.status == 429 and int(reply.headers["Retry-After"]) <= 3
     running.imds.fail_next(1, status=500)
-    reply = await running.get_token(running.pod_ip(mi_pod), VAULT)
+    reply = await running.get_token(running.pod_ip(mi_pod), "https://storage.azure.com")
     assert reply.status == 503 and "Retry-After" in reply.headers
-    reply = await running.get_token(running.pod_ip(mi_pod), VAULT)
+    reply = await running.get_token(running.pod_ip(mi_pod), "https://storage.azure.com")
     assert reply.status == 200
 
 

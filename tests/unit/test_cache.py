@@ -183,3 +183,75 @@ async def test_fresh_token_with_five_minutes_or_less_is_refused() -> None:
     with pytest.raises(UpstreamError) as info:
         await cache.get("k", fetch)
     assert info.value.retryable and len(cache) == 0
+
+
+async def test_throttled_key_is_not_sent_upstream_before_retry_after() -> None:
+    clock = Clock()
+    cache = TokenCache(clock=clock)
+    calls = 0
+
+    async def fetch() -> Token:
+        nonlocal calls
+        calls += 1
+        raise UpstreamError(
+            error="too_many_requests",
+            description="slow down",
+            status=429,
+            retryable=True,
+            retry_after=30,
+        )
+
+    with pytest.raises(UpstreamError):
+        await cache.get("k", fetch)
+    clock.now += 10
+    with pytest.raises(UpstreamError) as info:
+        await cache.get("k", fetch)
+    assert calls == 1 and info.value.retry_after == 20 and cache.throttled == 1
+    clock.now += 21
+
+    async def ok() -> Token:
+        return token(clock, 3600)
+
+    tok, hit = await cache.get("k", ok)
+    assert not hit and tok.access_token == "t"
+
+
+async def test_refresher_renews_only_tokens_still_in_use() -> None:
+    clock = Clock()
+    cache = TokenCache(clock=clock)
+    n = {"a": 0, "b": 0}
+
+    def fetcher(key: str):  # type: ignore[no-untyped-def]
+        async def fetch() -> Token:
+            n[key] += 1
+            return token(clock, 3600, name=f"{key}{n[key]}")
+
+        return fetch
+
+    await cache.get("a", fetcher("a"))
+    await cache.get("b", fetcher("b"))
+    clock.now += 3000  # both due; only "a" belongs to an identity a pod still has
+    assert cache.refresh_due(in_use=lambda key: key == "a") == 1
+    for _ in range(100):
+        if cache.refreshes:
+            break
+        await asyncio.sleep(0)
+    assert n == {"a": 2, "b": 1}
+    assert cache.peek("a").access_token == "a2"  # type: ignore[union-attr]
+    assert cache.refresh_due(in_use=lambda key: True) == 1  # "b" now; "a" is fresh
+
+
+async def test_upstream_not_allowed_on_miss() -> None:
+    from nmi.tokens.cache import UpstreamNotAllowed
+
+    clock = Clock()
+    cache = TokenCache(clock=clock)
+
+    async def fetch() -> Token:
+        return token(clock, 3600)
+
+    with pytest.raises(UpstreamNotAllowed):
+        await cache.get("k", fetch, upstream=False)
+    await cache.get("k", fetch)
+    _, hit = await cache.get("k", fetch, upstream=False)
+    assert hit
