@@ -174,10 +174,19 @@ def decide(
     if exception is not None:
         return UseNodeIdentity(exception)
     if settings.operation_mode is OperationMode.MANAGED:
-        return _choose(bound_identities(index, pod, settings), [], selector, object_id_of, False)
+        return _choose(
+            bound_identities(index, pod, settings), [], selector, object_id_of, lambda: False
+        )
     usable, pending = usable_assignments(index, pod, settings)
-    bound = bound_identities(index, pod, settings)
-    could_be_created = any(identity_matches(i, selector, object_id_of) for i in bound)
+
+    def could_be_created() -> bool:  # only needed when nothing usable matches
+        bound = bound_identities(index, pod, settings)
+        return any(identity_matches(i, selector, object_id_of) for i in bound)
+
+    if len(usable) == 1 and not pending:  # the common case: one Assigned identity
+        only = usable[0].identity
+        if selector.empty or identity_matches(only, selector, object_id_of):
+            return Grant(only)
     return _choose(
         _distinct(a.identity for a in usable),
         _distinct(a.identity for a in pending),
@@ -192,7 +201,7 @@ def _choose(
     pending: list[AzureIdentity],
     selector: IdentitySelector,
     object_id_of: ObjectIdOf,
-    could_be_created: bool,
+    could_be_created: Callable[[], bool],
 ) -> Decision:
     if not selector.empty:
         for identity in usable:
@@ -200,7 +209,7 @@ def _choose(
                 return Grant(identity)
         if any(identity_matches(i, selector, object_id_of) for i in pending):
             return Wait("assigned", f"identity for {selector.describe()} is not yet Assigned")
-        if could_be_created:
+        if could_be_created():
             return Wait("created", f"no AzureAssignedIdentity yet for {selector.describe()}")
         return Deny("not_found", f"no identity of this pod matches {selector.describe()}")
     keys = {(i.meta.namespace, i.meta.name) for i in (*usable, *pending)}
@@ -210,6 +219,6 @@ def _choose(
         return Grant(usable[0])
     if pending:
         return Wait("assigned", "the pod's identity is not yet Assigned")
-    if could_be_created:
+    if could_be_created():
         return Wait("created", "a binding matches this pod but no AzureAssignedIdentity exists yet")
     return Deny("not_found", "no identity is assigned to this pod")

@@ -84,6 +84,8 @@ class Metrics:
     """All of nmi's metrics in one registry."""
 
     def __init__(self) -> None:
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._compat_children: dict[tuple[str, int, str, str], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -160,12 +162,26 @@ class Metrics:
     def observe_request(
         self, *, route: str, status: int, seconds: float, namespace: str, resource: str
     ) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        # Label children are looked up once per label set (bounded), not per request.
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_seconds.labels(route),
+            )
+            self._request_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if route in ("token", "host_token"):
-            self.compat_operations.labels(
-                ROUTE_PATHS[route], str(status), namespace or "", resource_label(resource)
-            ).observe(seconds)
+            key = (route, status, namespace, resource)
+            compat = self._compat_children.get(key)
+            if compat is None:
+                compat = self.compat_operations.labels(
+                    ROUTE_PATHS[route], str(status), namespace or "", resource_label(resource)
+                )
+                if len(self._compat_children) < 10_000:
+                    self._compat_children[key] = compat
+            compat.observe(seconds)
 
     def observe_upstream(
         self, *, source: str, identity_type: str, seconds: float, error: bool, retryable: bool

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +34,7 @@ from ..identity.resolver import CallerProblem, Resolver
 from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
 from ..observability import events as kube_events
+from ..observability.accesslog import AccessLog
 from ..observability.metrics import Metrics
 from ..ratelimit import Buckets
 from ..tokens.cache import UpstreamNotAllowed
@@ -45,7 +46,6 @@ from .proxy import MetadataProxy
 from .target import QueryError, Route, TokenQuery, classify, parse_token_query
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("nmi.access")
 
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
@@ -64,7 +64,6 @@ class Access:
     upstream_request_id: str = ""
     waited_ms: float = 0.0
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def peer_ip(request: web.BaseRequest) -> str:
@@ -92,6 +91,8 @@ class ImdsHandler:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.access_log = AccessLog(fmt=settings.log_format)
+        self.bodies = replies.TokenBodies()
         self.pod_limits = (
             Buckets(rate=settings.per_pod_rate, burst=settings.per_pod_burst)
             if settings.per_pod_rate > 0
@@ -135,9 +136,9 @@ class ImdsHandler:
     def _log(
         self, request: web.BaseRequest, response: web.StreamResponse, access: Access, elapsed: float
     ) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        if not self.access_log.enabled:
             return
-        fields = {
+        fields: dict[str, Any] = {
             "route": access.route,
             "method": request.method,
             "status": response.status,
@@ -158,7 +159,7 @@ class ImdsHandler:
             fields["client_request_id"] = client_request[:64]
         if access.reason:
             fields["reason"] = access.reason
-        access_log.info("request", extra={"fields": fields})
+        self.access_log.write(fields)
 
     # -- routing ------------------------------------------------------------
 
@@ -204,7 +205,18 @@ class ImdsHandler:
         if isinstance(result, web.StreamResponse):
             return result
         token, identity_client_id = result
-        return replies.json_reply(200, _body(token, identity_client_id, parsed.resource))
+        return replies.json_bytes(
+            200,
+            self.bodies.render(
+                access_token=token.access_token,
+                client_id=identity_client_id,
+                expires_on=token.expires_on,
+                not_before=token.not_before,
+                now=int(time.time()),
+                resource=parsed.resource,
+                token_type=token.token_type,
+            ),
+        )
 
     async def _host_token(
         self, request: web.BaseRequest, query: str, access: Access

@@ -13,6 +13,7 @@ not check.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote
@@ -46,7 +47,12 @@ class Target:
     query: str  # raw query string
 
 
+_TOKEN_PREFIX = TOKEN_PATH + "?"
+
+
 def classify(raw_target: str) -> Target:
+    if raw_target.startswith(_TOKEN_PREFIX):  # what nearly every request is
+        return Target(Route.TOKEN, TOKEN_PATH, "", raw_target[len(_TOKEN_PREFIX) :])
     raw_path, _, query = raw_target.partition("?")
     try:
         decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
@@ -95,8 +101,13 @@ class TokenQuery:
 _SELECTOR_KEYS = ("client_id", "object_id", "msi_res_id", "mi_res_id")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_token_query(query: str, *, require_api_version: bool = True) -> TokenQuery:
-    """Parse and validate the token request's query (after the Metadata check)."""
+    """Parse and validate the token request's query (after the Metadata check).
+
+    Pods repeat the same few queries: valid ones are remembered (an invalid one
+    raises, and is not).  The result is immutable.
+    """
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
     except (UnicodeDecodeError, ValueError):
