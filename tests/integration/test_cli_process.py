@@ -194,3 +194,61 @@ async def test_second_signal_exits_at_once(world: LoopbackWorld) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_memory_stays_flat_under_a_flood_of_bad_requests(world: LoopbackWorld) -> None:
+    ident = world.add_user_assigned_identity("flood-id")
+    pod = world.add_pod("flood", selector=ident.selector)
+    world.assign(pod, ident)
+    proc, port, _ = await start_process(world)
+    bad = [
+        b"GET /metadata/identity/oauth2/token?resource=%zz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metadata/identity/oauth2/token?resource=r%d HTTP/1.1\r\n"
+        b"Host: x\r\nMetadata: true\r\n\r\n",
+        b"POST /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /metadata/identity/issuecredential/%s HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+
+    async def flood(rounds: int) -> None:
+        for i in range(rounds):
+            raw = bad[i % len(bad)].replace(b"%d", str(i).encode()).replace(b"%s", str(i).encode())
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if b"Host: x\r\n" in raw:
+                raw = raw.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n", 1)
+            writer.write(raw)
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert data.startswith(b"HTTP/1.")
+
+    try:
+        await flood(600)  # warm up: caches, buffers, lazy imports
+        before = rss_kib(proc.pid)
+        await flood(3000)
+        after = rss_kib(proc.pid)
+        assert after - before < 5 * 1024, (before, after)
+        assert await pod_request_arm(world, pod, port) == 200  # still serving
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def pod_request_arm(world: LoopbackWorld, pod: dict, port: int) -> int:  # type: ignore[type-arg]
+    connector = aiohttp.TCPConnector(local_addr=(world.pod_ip(pod), 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = (
+            f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
+            "?api-version=2018-02-01&resource=https://management.azure.com"
+        )
+        async with session.get(url, headers={"Metadata": "true"}) as resp:
+            return resp.status
