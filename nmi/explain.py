@@ -62,7 +62,6 @@ from .identity.decide import (
     decide,
     exception_for,
     namespace_allows,
-    redact,
     usable_assignments,
 )
 from .identity.resolver import CallerProblem, Resolver
@@ -76,6 +75,7 @@ from .kube.objects import (
     AzureIdentityBinding,
     Pod,
 )
+from .observability.logs import redact_id as redact
 from .server import replies
 from .server.target import QueryError, parse_token_query
 from .tokens.cache import SERVE_FLOOR, TokenCache

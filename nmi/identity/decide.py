@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..config import OperationMode, Settings
 from ..kube.index import ClusterIndex
 from ..kube.objects import AssignedState, AzureAssignedIdentity, AzureIdentity, Pod
+from ..observability.logs import redact_id as redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +47,6 @@ class IdentitySelector:
         if self.resource_id:
             return f"resource id {self.resource_id.rsplit('/', 1)[-1]}"
         return "no identity selector"
-
-
-def redact(value: str) -> str:
-    """Show only the first characters of an id, as aad-pod-identity did."""
-    if len(value) <= 8:
-        return "####"
-    return f"{value[:4]}##### REDACTED #####{value[-4:]}"
 
 
 @dataclass(frozen=True, slots=True)

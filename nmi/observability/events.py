@@ -40,9 +40,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from ..identity.decide import Deny, IdentitySelector, Wait, redact
+from ..identity.decide import Deny, IdentitySelector, Wait
 from ..kube.index import ChangeSignal
 from ..kube.objects import AzureIdentity, Pod
+from .logs import redact_id as redact
 
 log = logging.getLogger(__name__)
 

@@ -281,23 +281,9 @@ class ImdsHandler:
         ):
             decision = self.resolver.decide_now(pod, selector)
         try:
-            if isinstance(decision, Grant):
-                identity = decision.identity
-                access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
-                token, hit = await self.tokens.for_identity(identity, query.resource)
-                access.cache = "hit" if hit else "miss"
-                access.upstream_request_id = "" if hit else token.request_id
-                return token, identity.client_id or token.client_id
-            if isinstance(decision, UseNodeIdentity):
-                access.identity = f"node (exception {decision.exception})"
-                token, hit = await self.tokens.for_node(
-                    resource=query.resource,
-                    client_id=selector.client_id,
-                    object_id=selector.object_id,
-                    resource_id=selector.resource_id,
-                )
-                access.cache = "hit" if hit else "miss"
-                return token, token.client_id or selector.client_id
+            served = await self._token_for(decision, query, access, upstream=True)
+            if served is not None:
+                return served
         except UpstreamError as exc:
             access.reason = f"{exc.source} {exc.status or '-'} {exc.error}"
             self._failed(
@@ -338,7 +324,8 @@ class ImdsHandler:
             return replies.error(
                 503, "server_error", "The identity's credential cannot be read now"
             )
-        if self.metrics is not None and not isinstance(decision, Grant | UseNodeIdentity):
+        assert isinstance(decision, Deny | Wait)  # granting decisions returned above
+        if self.metrics is not None:
             kind = decision.kind if isinstance(decision, Deny) else "not_assigned"
             self.metrics.denials.labels(kind).inc()
         if self.events is not None:
@@ -373,29 +360,40 @@ class ImdsHandler:
         """The rate-limited path: the current decision, and a token only from the cache."""
         selector = query.selector
         decision = self.resolver.decide_now(pod, selector)
-        if isinstance(decision, Grant):
-            identity = decision.identity
-            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
-            token, _ = await self.tokens.for_identity(identity, query.resource, upstream=False)
-            access.cache = "hit"
-            return token, identity.client_id or token.client_id
-        if isinstance(decision, UseNodeIdentity):
-            access.identity = f"node (exception {decision.exception})"
-            token, _ = await self.tokens.for_node(
-                resource=query.resource,
-                client_id=selector.client_id,
-                object_id=selector.object_id,
-                resource_id=selector.resource_id,
-                upstream=False,
-            )
-            access.cache = "hit"
-            return token, token.client_id or selector.client_id
+        served = await self._token_for(decision, query, access, upstream=False)
+        if served is not None:
+            return served
         if isinstance(decision, Deny):  # refusing costs nothing: answer it as usual
             access.reason = decision.reason
             if decision.kind == "multiple":
                 return replies.multiple_identities()
             return replies.identity_not_found()
         raise UpstreamNotAllowed()
+
+    async def _token_for(
+        self, decision: Decision, query: TokenQuery, access: Access, *, upstream: bool
+    ) -> tuple[Token, str] | None:
+        """The token a granting decision leads to (None for other decisions)."""
+        if isinstance(decision, Grant):
+            identity = decision.identity
+            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
+            token, hit = await self.tokens.for_identity(identity, query.resource, upstream=upstream)
+            access.cache = "hit" if hit else "miss"
+            access.upstream_request_id = "" if hit else token.request_id
+            return token, identity.client_id or token.client_id
+        if isinstance(decision, UseNodeIdentity):
+            selector = query.selector
+            access.identity = f"node (exception {decision.exception})"
+            token, hit = await self.tokens.for_node(
+                resource=query.resource,
+                client_id=selector.client_id,
+                object_id=selector.object_id,
+                resource_id=selector.resource_id,
+                upstream=upstream,
+            )
+            access.cache = "hit" if hit else "miss"
+            return token, token.client_id or selector.client_id
+        return None
 
     async def _learn_object_ids(self, pod: Pod, resource: str) -> bool:
         """``object_id`` selects by the identity's service-principal object id, which
