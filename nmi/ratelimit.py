@@ -5,8 +5,9 @@ once; beyond that IMDS answers 429.  nmi paces its own IMDS calls below
 that (:class:`Pacer`, queueing, never failing) so pods never see those 429s
 because of each other.  Per pod, a :class:`Buckets` keyed by pod UID caps the
 requests that can cost upstream work or waiting, so one looping pod cannot
-starve the rest; over its budget a pod is still served from the cache, and
-otherwise gets 429 with ``Retry-After`` at once — never a hang.
+starve the rest.  Only requests that would cost upstream calls or a wait
+spend the budget; cache hits never do.  Over its budget a pod gets 429 with
+``Retry-After`` at once — never a hang.
 """
 
 from __future__ import annotations

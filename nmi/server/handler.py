@@ -11,6 +11,7 @@ are on the cluster view's change signal, upstream calls run on threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -256,12 +257,18 @@ class ImdsHandler:
         self, pod: Pod, query: TokenQuery, access: Access
     ) -> web.StreamResponse | tuple[Token, str]:
         selector = query.selector
-        over = self.pod_limits.take(pod.meta.uid or pod.meta.key) if self.pod_limits else None
-        if over is not None:
-            # Over its budget: served only from the cache, never upstream work or waiting.
-            try:
-                return await self._serve_cached(pod, query, access)
-            except UpstreamNotAllowed:
+        decision = self.resolver.decide_now(pod, selector)
+        if isinstance(decision, Grant | UseNodeIdentity):
+            # The common case: a cached token, no upstream work, no budget spent.  Anything
+            # else (a miss, a misconfigured identity) takes the full path below.
+            with contextlib.suppress(UpstreamNotAllowed, CredentialError, SecretUnavailable):
+                served = await self._token_for(decision, query, access, upstream=False)
+                if served is not None:
+                    return served
+        if self.pod_limits is not None and (not isinstance(decision, Deny) or selector.object_id):
+            # Upstream calls or a wait lie ahead: they are what the per-pod budget limits.
+            over = self.pod_limits.take(pod.meta.uid or pod.meta.key)
+            if over is not None:
                 access.reason = "per-pod rate limit"
                 return replies.error(
                     429,
@@ -353,22 +360,6 @@ class ImdsHandler:
         key = error_key(decision)
         if self.last_errors is not None and key is not None:
             self.last_errors.record(key, summary)
-
-    async def _serve_cached(
-        self, pod: Pod, query: TokenQuery, access: Access
-    ) -> web.StreamResponse | tuple[Token, str]:
-        """The rate-limited path: the current decision, and a token only from the cache."""
-        selector = query.selector
-        decision = self.resolver.decide_now(pod, selector)
-        served = await self._token_for(decision, query, access, upstream=False)
-        if served is not None:
-            return served
-        if isinstance(decision, Deny):  # refusing costs nothing: answer it as usual
-            access.reason = decision.reason
-            if decision.kind == "multiple":
-                return replies.multiple_identities()
-            return replies.identity_not_found()
-        raise UpstreamNotAllowed()
 
     async def _token_for(
         self, decision: Decision, query: TokenQuery, access: Access, *, upstream: bool

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .netns import NodeNetns, Pod
@@ -81,6 +82,8 @@ class NodeWorld:
         self.nmi_port = 2579
         self.probe_port = 8085
         self.pods: dict[str, PodHandle] = {}
+        self.nmi_log: Path | None = None
+        self._log_count = 0
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -154,15 +157,22 @@ class NodeWorld:
         return env
 
     async def spawn_nmi(self, *extra: str) -> asyncio.subprocess.Process:
-        proc = await self.net.spawn(
-            self.net.node,
-            self.nmi_argv(*extra),
-            env=self.nmi_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        # nmi's log goes to a file: an undrained pipe would fill up and stall nmi.
+        self._log_count += 1
+        self.nmi_log = self.w.workdir / f"nmi-{self._log_count}.log"
+        with open(self.nmi_log, "wb") as log:  # noqa: ASYNC230 - once per start, test harness
+            proc = await self.net.spawn(
+                self.net.node,
+                self.nmi_argv(*extra),
+                env=self.nmi_env(),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
         self.nmi = proc
         return proc
+
+    def nmi_log_text(self) -> str:
+        return self.nmi_log.read_text(errors="replace") if self.nmi_log else ""
 
     async def start_nmi(self, *extra: str, timeout: float = 60.0) -> float:
         """Start nmi and wait until it reports ready; returns seconds from spawn to ready."""
@@ -171,8 +181,8 @@ class NodeWorld:
         deadline = started + timeout
         while True:
             if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise RuntimeError(f"nmi exited {proc.returncode}: {err.decode()[-2000:]}")
+                tail = self.nmi_log_text()[-2000:]
+                raise RuntimeError(f"nmi exited {proc.returncode}: {tail}")
             status = await self.probe("/readyz")
             if status == 200:
                 return time.monotonic() - started
@@ -206,8 +216,7 @@ class NodeWorld:
     async def wait_exit(self, timeout: float = 30.0) -> tuple[int, str]:
         assert self.nmi is not None
         code = await asyncio.wait_for(self.nmi.wait(), timeout)
-        err = await self.nmi.stderr.read() if self.nmi.stderr else b""
-        return code, err.decode()
+        return code, self.nmi_log_text()
 
     async def diagnose(self) -> str:
         """The node's rules, listeners and processes, for a failing test's message."""
