@@ -83,11 +83,6 @@ def node_address(*, configured: str, metadata_ip: str) -> str:
     raise LookupError("no node address found: pass --node-ip (the DaemonSet sets HOST_IP)")
 
 
-def local_addresses() -> set[str]:
-    with IPRoute() as ipr:
-        return {str(_attr(a, "IFA_ADDRESS")) for a in ipr.get_addr(family=AF_INET)}
-
-
 def pod_attachment(pod_ips: Iterable[str]) -> Attachment:
     """Per-pod interfaces with host routes, or a shared bridge?"""
     with IPRoute() as ipr:

@@ -97,6 +97,7 @@ class Informer(Generic[T]):
         self.store: dict[str, T] = {}
         self.resource_version = ""
         self.synced = asyncio.Event()
+        self.failed = asyncio.Event()  # set while the last attempt failed
         # Observability.
         self.lists = 0
         self.watch_restarts = 0
@@ -130,6 +131,7 @@ class Informer(Generic[T]):
                 self.errors += 1
                 self.watch_restarts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.failed.set()
                 delay = random.uniform(backoff / 2, backoff)  # noqa: S311 - jitter
                 log.warning("%s: %s; retrying in %.2fs", self.name, self.last_error, delay)
                 await asyncio.sleep(delay)
@@ -178,6 +180,7 @@ class Informer(Generic[T]):
         self.lists += 1
         self._replace(items)
         self.resource_version = rv
+        self.failed.clear()
         self.synced.set()
 
     def _replace(self, items: dict[str, T]) -> None:

@@ -56,14 +56,23 @@ class SecretStore:
                 if watched is None:
                     watched = self._start(namespace, name)
         watched.last_used = time.monotonic()
-        if not watched.informer.synced.is_set():
+        informer = watched.informer
+        if not informer.synced.is_set():
+            # Wait for the first LIST, but answer at once when it fails (forbidden, unreachable).
+            waiters = {
+                asyncio.ensure_future(informer.synced.wait()),
+                asyncio.ensure_future(informer.failed.wait()),
+            }
             try:
-                await asyncio.wait_for(
-                    asyncio.shield(watched.informer.synced.wait()), self._sync_timeout
+                await asyncio.wait(
+                    waiters, timeout=self._sync_timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-            except TimeoutError:
-                why = watched.informer.last_error or "timeout"
-                raise SecretUnavailable(f"secret {namespace}/{name} not readable: {why}") from None
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if not informer.synced.is_set():
+                why = informer.last_error or "timeout"
+                raise SecretUnavailable(f"secret {namespace}/{name} not readable: {why}")
         return watched.informer.store.get(f"{namespace}/{name}")
 
     def _start(self, namespace: str, name: str) -> _Watched:

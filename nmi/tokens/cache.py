@@ -205,12 +205,6 @@ class TokenCache:
             last_refresh=now,
         )
 
-    def invalidate(self, predicate: Callable[[Hashable], bool]) -> int:
-        doomed = [k for k in self._entries if predicate(k)]
-        for key in doomed:
-            del self._entries[key]
-        return len(doomed)
-
     def sweep(self, *, idle: float = 3600.0) -> int:
         """Drop expired entries and those nobody asked for in ``idle`` seconds."""
         now = self._clock()

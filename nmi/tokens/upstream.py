@@ -29,7 +29,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -323,7 +322,3 @@ def _safe(exc: BaseException) -> str:
     """An exception message trimmed of anything that might echo a request body."""
     text = str(exc).split("\n", 1)[0]
     return text[:200]
-
-
-def new_request_id() -> str:
-    return str(uuid.uuid4())

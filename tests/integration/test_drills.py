@@ -240,3 +240,20 @@ async def test_malformed_flood_gets_well_formed_replies(running: LoopbackWorld, 
             # only the node IMDS's own answers to proxied paths may be other than JSON
             assert status in (200, 404), (raw[:80], data[:200])
     assert (await running.get_token(running.pod_ip(pod))).status == 200
+
+
+async def test_unreadable_secret_is_a_prompt_retryable_error(running: LoopbackWorld) -> None:
+    pod, _ = await bound(running, "no-api")
+    await running.kube.stop()  # the Secret was never read: nmi cannot read it now
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reply = await running.get_token(running.pod_ip(pod), VAULT)
+    assert reply.status == 503 and int(reply.headers["Retry-After"]) >= 1
+    assert loop.time() - started < 5  # not the full sync timeout
+    await running.kube.start()
+    for _ in range(50):  # the Secret watch retries with backoff; the pod's SDK retries too
+        reply = await running.get_token(running.pod_ip(pod), VAULT)
+        if reply.status == 200:
+            break
+        await asyncio.sleep(0.2)
+    assert reply.status == 200
