@@ -84,6 +84,22 @@ async def test_real_clients_get_their_own_identity(node: NodeWorld) -> None:
         timeout=90,
     )
     assert json.loads(out.strip().splitlines()[-1])["ok"] is False
+    # host-network traffic (the node's own) is not intercepted: it reaches the node IMDS
+    served = node.w.imds.http_requests_total
+    code, out, err = await node.net.run(
+        node.net.node,
+        [
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-H",
+            "Metadata: true",
+            f"http://{METADATA_IP}/metadata/instance?api-version=2021-02-01",
+        ],
+    )
+    assert code == 0 and "compute" in out, err
+    assert node.w.imds.http_requests_total == served + 1
 
 
 async def test_kill_9_leaves_pods_refused_and_restart_adopts_rules(node: NodeWorld) -> None:
@@ -216,3 +232,16 @@ async def test_conntrack_deletion_cuts_flows_opened_before_the_rules(node: NodeW
         raise AssertionError(f"the early flow still reached the node IMDS: {answer}\n{log}")
     assert node.w.imds.http_requests_total == served
     await node.net.kill(early)
+
+
+async def test_node_facts_from_netlink(node: NodeWorld) -> None:
+    node.add_pod("a")
+    node.add_pod("b")
+    script = (
+        "from nmi.interception.netfacts import node_address, pod_attachment;"
+        "print(node_address(configured='', metadata_ip='169.254.169.254'));"
+        "print(pod_attachment(['10.244.0.2', '10.244.0.3']).style)"
+    )
+    code, out, err = await node.net.run(node.net.node, [sys.executable, "-c", script])
+    assert code == 0, err
+    assert out.split() == [NODE_IP, "per-pod"]
