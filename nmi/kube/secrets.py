@@ -75,6 +75,14 @@ class SecretStore:
                 raise SecretUnavailable(f"secret {namespace}/{name} not readable: {why}")
         return watched.informer.store.get(f"{namespace}/{name}")
 
+    def peek(self, namespace: str, name: str) -> Secret | None:
+        """The Secret if it is watched and synced (no waiting, no I/O), else None."""
+        watched = self._watched.get((namespace, name))
+        if watched is None or not watched.informer.synced.is_set():
+            return None
+        watched.last_used = time.monotonic()
+        return watched.informer.store.get(f"{namespace}/{name}")
+
     def _start(self, namespace: str, name: str) -> _Watched:
         informer: Informer[Secret] = Informer(
             api=self._api,

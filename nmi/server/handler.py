@@ -194,7 +194,9 @@ class ImdsHandler:
         except QueryError as exc:
             return _query_error(exc)
         access.resource = parsed.resource
-        found = await self.resolver.caller(access.ip)
+        found = self.resolver.caller_now(access.ip)
+        if isinstance(found, CallerProblem) and found.kind == "unknown":
+            found = await self.resolver.caller(access.ip)  # a new pod: wait for the watch
         if isinstance(found, CallerProblem):
             access.reason = found.reason
             return replies.not_ready(
@@ -202,7 +204,7 @@ class ImdsHandler:
                 retry_after_header=self.settings.set_retry_after_header,
             )
         access.namespace, access.pod = found.meta.namespace, found.meta.name
-        result = await self._serve(found, parsed, access)
+        result = self._cache_hit(found, parsed, access) or await self._serve(found, parsed, access)
         if isinstance(result, web.StreamResponse):
             return result
         token, identity_client_id = result
@@ -252,6 +254,36 @@ class ImdsHandler:
         )
 
     # -- identity + token -----------------------------------------------------
+
+    def _cache_hit(self, pod: Pod, query: TokenQuery, access: Access) -> tuple[Token, str] | None:
+        """Nearly every request: decided and answered from the cache synchronously.
+
+        The same decision as the full path (the current view, no waiting); None
+        when anything else is needed (a miss, a wait, a refusal, an error).
+        """
+        decision = self.resolver.decide_now(pod, query.selector)
+        if isinstance(decision, Grant):
+            identity = decision.identity
+            token = self.tokens.cached(identity, query.resource)
+            if token is None:
+                return None
+            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
+            access.cache = "hit"
+            return token, identity.client_id or token.client_id
+        if isinstance(decision, UseNodeIdentity):
+            selector = query.selector
+            token = self.tokens.cached_node(
+                resource=query.resource,
+                client_id=selector.client_id,
+                object_id=selector.object_id,
+                resource_id=selector.resource_id,
+            )
+            if token is None:
+                return None
+            access.identity = f"node (exception {decision.exception})"
+            access.cache = "hit"
+            return token, token.client_id or selector.client_id
+        return None
 
     async def _serve(
         self, pod: Pod, query: TokenQuery, access: Access

@@ -89,21 +89,16 @@ class TokenCache:
         With ``upstream=False`` a miss raises :class:`UpstreamNotAllowed`
         instead of calling upstream (joining a call already in flight is fine).
         """
-        now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None and entry.token.expires_on - now > SERVE_FLOOR:
-            entry.last_used = now
-            self.hits += 1
-            if now >= entry.refresh_at and now >= entry.next_attempt and key not in self._flights:
-                entry.next_attempt = now + RETRY_REFRESH_AFTER
-                self._start(key, entry.fetch, background=True)
-            return entry.token, True
+        token = self.hit(key)
+        if token is not None:
+            return token, True
         if not upstream:
             joined = self._flights.get(key)
             if joined is None:
                 raise UpstreamNotAllowed()
             return await asyncio.shield(joined), False  # joining costs no upstream call
         self.misses += 1
+        now = self._clock()
         cooling = self._cooldown.get(key)
         if cooling is not None:
             until, error = cooling
@@ -120,6 +115,21 @@ class TokenCache:
             del self._cooldown[key]
         flight = self._flights.get(key) or self._start(key, fetch, background=False)
         return await asyncio.shield(flight), False
+
+    def hit(self, key: Hashable) -> Token | None:
+        """A servable cached token, or None; synchronous (the hot path)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if entry.token.expires_on - now <= SERVE_FLOOR:
+            return None
+        entry.last_used = now
+        self.hits += 1
+        if now >= entry.refresh_at and now >= entry.next_attempt and key not in self._flights:
+            entry.next_attempt = now + RETRY_REFRESH_AFTER
+            self._start(key, entry.fetch, background=True)
+        return entry.token
 
     async def run_refresher(
         self, *, in_use: Callable[[Hashable], bool], interval: float = 1.0

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Hashable
 
 from ..config import Settings
-from ..kube.objects import AzureIdentity, IdentityType
+from ..kube.objects import AzureIdentity, IdentityType, Secret
 from ..kube.secrets import SecretStore
 from ..observability.metrics import Metrics
 from .cache import TokenCache
@@ -60,9 +60,6 @@ class TokenService:
 
     async def cache_key(self, identity: AzureIdentity, resource: str) -> Hashable:
         """The key of this identity's token for ``resource`` (reads the Secret on a first use)."""
-        base = (identity_key(identity), identity.fingerprint)
-        if identity.type == IdentityType.USER_ASSIGNED_MSI:
-            return ("mi", *base, resource)
         if identity.type in (
             IdentityType.SERVICE_PRINCIPAL,
             IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
@@ -73,8 +70,42 @@ class TokenService:
                 raise CredentialError(
                     f"secret {ns}/{name} of identity {identity.meta.key} not found"
                 )
-            return ("sp", *base, secret.meta.uid, secret.meta.resource_version, resource)
+            return _key(identity, resource, secret)
+        if identity.type == IdentityType.USER_ASSIGNED_MSI:
+            return _key(identity, resource, None)
         raise CredentialError(f"identity {identity.meta.key} has an unsupported spec.type")
+
+    def cached(self, identity: AzureIdentity, resource: str) -> Token | None:
+        """The cached token if there is a servable one — no I/O, no waiting, no coroutine.
+
+        None sends the caller to the full path (:meth:`for_identity`), which also
+        reports misconfigurations.
+        """
+        secret: Secret | None = None
+        if identity.type in (
+            IdentityType.SERVICE_PRINCIPAL,
+            IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
+        ):
+            ref = identity.secret_ref
+            if ref is None:
+                return None
+            namespace = ref.namespace or identity.meta.namespace
+            if (
+                namespace != identity.meta.namespace
+                and not self.settings.allow_cross_namespace_secrets
+            ):
+                return None
+            secret = self.secrets.peek(namespace, ref.name)
+            if secret is None:
+                return None
+        elif identity.type != IdentityType.USER_ASSIGNED_MSI:
+            return None
+        return self.cache.hit(_key(identity, resource, secret))
+
+    def cached_node(
+        self, *, resource: str, client_id: str, object_id: str, resource_id: str
+    ) -> Token | None:
+        return self.cache.hit(_node_key(resource, client_id, object_id, resource_id))
 
     def _secret_location(self, identity: AzureIdentity) -> tuple[str, str]:
         ref = identity.secret_ref
@@ -162,7 +193,7 @@ class TokenService:
         upstream: bool = True,
     ) -> tuple[Token, bool]:
         """The node's own identity (exception pods), through the node IMDS."""
-        key = ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
+        key = _node_key(resource, client_id, object_id, resource_id)
 
         async def fetch() -> Token:
             return await self._timed(
@@ -176,3 +207,15 @@ class TokenService:
             )
 
         return await self.cache.get(key, fetch, upstream=upstream)
+
+
+def _key(identity: AzureIdentity, resource: str, secret: Secret | None) -> Hashable:
+    """identity UID + spec fingerprint (+ the Secret's UID and resourceVersion) + resource."""
+    base = (identity_key(identity), identity.fingerprint)
+    if secret is None:
+        return ("mi", *base, resource)
+    return ("sp", *base, secret.meta.uid, secret.meta.resource_version, resource)
+
+
+def _node_key(resource: str, client_id: str, object_id: str, resource_id: str) -> Hashable:
+    return ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
