@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -208,18 +209,7 @@ class ImdsHandler:
         if isinstance(result, web.StreamResponse):
             return result
         token, identity_client_id = result
-        return replies.json_bytes(
-            200,
-            self.bodies.render(
-                access_token=token.access_token,
-                client_id=identity_client_id,
-                expires_on=token.expires_on,
-                not_before=token.not_before,
-                now=int(time.time()),
-                resource=parsed.resource,
-                token_type=token.token_type,
-            ),
-        )
+        return replies.json_bytes(200, self._render(token, identity_client_id, parsed.resource))
 
     async def _host_token(
         self, request: web.BaseRequest, query: str, access: Access
@@ -245,12 +235,19 @@ class ImdsHandler:
         if isinstance(result, web.StreamResponse):
             return result
         token, identity_client_id = result
-        return replies.json_reply(
-            200,
-            {
-                "token": _body(token, identity_client_id, parsed.resource),
-                "clientid": identity_client_id,
-            },
+        body = self._render(token, identity_client_id, parsed.resource)
+        clientid = json.dumps(identity_client_id).encode()
+        return replies.json_bytes(200, b'{"token":' + body + b',"clientid":' + clientid + b"}")
+
+    def _render(self, token: Token, client_id: str, resource: str) -> bytes:
+        return self.bodies.render(
+            access_token=token.access_token,
+            client_id=client_id,
+            expires_on=token.expires_on,
+            not_before=token.not_before,
+            now=int(time.time()),
+            resource=resource,
+            token_type=token.token_type,
         )
 
     # -- identity + token -----------------------------------------------------
@@ -439,18 +436,6 @@ class ImdsHandler:
                 continue
             learned = learned or self.tokens.object_id_of(identity) is not None
         return learned
-
-
-def _body(token: Token, client_id: str, resource: str) -> dict[str, str]:
-    return replies.token_body(
-        access_token=token.access_token,
-        client_id=client_id,
-        expires_on=token.expires_on,
-        not_before=token.not_before,
-        now=int(time.time()),
-        resource=resource,
-        token_type=token.token_type,
-    )
 
 
 def _identity_of(decision: Decision) -> AzureIdentity | None:

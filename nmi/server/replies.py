@@ -182,27 +182,3 @@ def _j(value: str) -> bytes:
 
 def json_bytes(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, headers=_HEADERS)
-
-
-def token_body(
-    *,
-    access_token: str,
-    client_id: str,
-    expires_on: int,
-    not_before: int,
-    now: int,
-    resource: str,
-    token_type: str,
-) -> dict[str, str]:
-    """The real IMDS success shape: every value a string, times consistent."""
-    expires_in = str(max(expires_on - now, 0))
-    return {
-        "access_token": access_token,
-        "client_id": client_id,
-        "expires_in": expires_in,
-        "expires_on": str(expires_on),
-        "ext_expires_in": expires_in,
-        "not_before": str(not_before),
-        "resource": resource,
-        "token_type": token_type,
-    }
