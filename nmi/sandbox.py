@@ -47,6 +47,14 @@ def _claims(token: str) -> dict[str, Any]:
         return {}
 
 
+def _verdict(ok: bool) -> None:
+    print(
+        "\nOK: the bound pod got its own token, the unbound pod was refused."
+        if ok
+        else "\nFAILED: the demonstration did not behave as expected."
+    )
+
+
 def _show(title: str, reply: Reply) -> None:
     print(f"\n== {title}: HTTP {reply.status}")
     body = dict(reply.body)
@@ -106,14 +114,7 @@ async def demo(*, once: bool, port: int) -> int:
             f"{world.imds.token_requests[(identity.client_id, RESOURCE)]} "
             "(the second request was a cache hit)"
         )
-        print(
-            "\n"
-            + (
-                "OK: the bound pod got its own token, the unbound pod was refused."
-                if ok
-                else "FAILED: the demonstration did not behave as expected."
-            )
-        )
+        _verdict(ok)
         if once:
             return 0 if ok else 1
         print(
@@ -171,14 +172,7 @@ async def node_demo(*, once: bool) -> int:
             and refused.status == 400
             and refused.body.get("error_description") == "Identity not found"
         )
-        print(
-            "\n"
-            + (
-                "OK: the bound pod got its own token, the unbound pod was refused."
-                if ok
-                else "FAILED: the demonstration did not behave as expected."
-            )
-        )
+        _verdict(ok)
         if once:
             return 0 if ok else 1
         query = f"api-version=2018-02-01&resource={RESOURCE}"
