@@ -5,6 +5,7 @@ import json
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -46,58 +47,21 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
     ident = world.add_user_assigned_identity("proc-id")
     pod = world.add_pod("proc", selector=ident.selector)
     world.assign(pod, ident)
-    port, probe = free_port(), free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nmi",
-        f"--node={world.node}",
-        f"--kubeconfig={world.kubeconfig}",
-        "--nmi-listen-address=127.0.0.1",
-        f"--nmi-port={port}",
-        "--metadata-ip=127.0.0.1",
-        f"--metadata-port={world.imds.port}",
-        f"--http-probe-port={probe}",
-        "--probe-address=127.0.0.1",
-        f"--allowed-authority-hosts={world.aad.authority_host}",
-        "--log-format=json",
-        "--MICNamespace=default",
-        "--manage-iptables=false",  # this test runs in the host namespace
-        f"--admin-socket={world.workdir / 'admin.sock'}",
-        stderr=asyncio.subprocess.PIPE,
+    log = world.workdir / "nmi.log"
+    proc, port, _ = await start_process(
+        world, "--log-format=json", "--MICNamespace=default", log=log
     )
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"http://127.0.0.1:{probe}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                # the process gives no other signal of readiness than its probe
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("nmi never became ready")
-            connector = aiohttp.TCPConnector(local_addr=(world.pod_ip(pod), 0))
-            async with aiohttp.ClientSession(connector=connector) as pod_session:
-                url = (
-                    f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
-                    "?api-version=2018-02-01&resource=https://management.azure.com"
-                )
-                async with pod_session.get(url, headers={"Metadata": "true"}) as resp:
-                    assert resp.status == 200, await resp.text()
+        assert await pod_request_arm(world, pod, port) == 200
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 20)
         assert code == 0
-        assert proc.stderr is not None
-        lines = (await proc.stderr.read()).decode().splitlines()
+        lines = log.read_text().splitlines()
         records = [json.loads(line) for line in lines if line.startswith("{")]
         access = [r for r in records if r.get("logger") == "nmi.access"]
         assert access and access[-1]["status"] == 200 and access[-1]["pod"] == "proc"
         assert any("MICNamespace" in r["msg"] for r in records)
-        text = "\n".join(lines)
-        assert ident.client_id not in text  # client ids are redacted in logs
+        assert ident.client_id not in "\n".join(lines)  # client ids are redacted in logs
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -105,28 +69,34 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
 
 
 async def start_process(
-    world: LoopbackWorld, *extra: str
-) -> tuple[asyncio.subprocess.Process, int]:
+    world: LoopbackWorld, *extra: str, log: Path | None = None
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    """nmi as a process in the host namespace: loopback only, no iptables, log to a file."""
     port, probe = free_port(), free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nmi",
-        f"--node={world.node}",
-        f"--kubeconfig={world.kubeconfig}",
-        f"--nmi-port={port}",
-        "--metadata-ip=127.0.0.1",
-        f"--metadata-port={world.imds.port}",
-        f"--http-probe-port={probe}",
-        "--probe-address=127.0.0.1",
-        f"--prometheus-port={free_port()}",
-        "--prometheus-address=127.0.0.1",
-        f"--allowed-authority-hosts={world.aad.authority_host}",
-        "--manage-iptables=false",
-        f"--admin-socket={world.workdir / 'admin.sock'}",
-        *extra,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    sink = log.open("wb") if log is not None else None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "nmi",
+            f"--node={world.node}",
+            f"--kubeconfig={world.kubeconfig}",
+            f"--nmi-port={port}",
+            "--metadata-ip=127.0.0.1",
+            f"--metadata-port={world.imds.port}",
+            f"--http-probe-port={probe}",
+            "--probe-address=127.0.0.1",
+            f"--prometheus-port={free_port()}",
+            "--prometheus-address=127.0.0.1",
+            f"--allowed-authority-hosts={world.aad.authority_host}",
+            "--manage-iptables=false",
+            f"--admin-socket={world.workdir / 'admin.sock'}",
+            *extra,
+            stderr=sink if sink is not None else asyncio.subprocess.DEVNULL,
+        )
+    finally:
+        if sink is not None:
+            sink.close()  # the child has its own copy
     async with aiohttp.ClientSession() as session:
         for _ in range(300):
             try:
