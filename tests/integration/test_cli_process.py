@@ -11,6 +11,8 @@ import aiohttp
 
 from nmi.testing.world import LoopbackWorld
 
+ARM = "https://management.azure.com"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,7 +54,7 @@ async def test_daemon_process_serves_and_stops_on_sigterm(world: LoopbackWorld) 
         world, "--log-format=json", "--MICNamespace=default", log=log
     )
     try:
-        assert await pod_request_arm(world, pod, port) == 200
+        assert await pod_request(world, pod, port, ARM) == 200
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 20)
         assert code == 0
@@ -110,12 +112,18 @@ async def start_process(
     raise AssertionError("nmi never became ready")
 
 
-async def pod_request(world: LoopbackWorld, pod: dict, port: int) -> int:  # type: ignore[type-arg]
+async def pod_request(
+    world: LoopbackWorld,
+    pod: dict,  # type: ignore[type-arg]
+    port: int,
+    resource: str = "https://vault.azure.net",
+) -> int:
+    """A token request from the pod's own address; the HTTP status."""
     connector = aiohttp.TCPConnector(local_addr=(world.pod_ip(pod), 0))
     async with aiohttp.ClientSession(connector=connector) as session:
         url = (
             f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
-            "?api-version=2018-02-01&resource=https://vault.azure.net"
+            f"?api-version=2018-02-01&resource={resource}"
         )
         async with session.get(url, headers={"Metadata": "true"}) as resp:
             return resp.status
@@ -207,18 +215,7 @@ async def test_memory_stays_flat_under_a_flood_of_bad_requests(world: LoopbackWo
         await flood(3000)
         after = rss_kib(proc.pid)
         assert after - before < 5 * 1024, (before, after)
-        assert await pod_request_arm(world, pod, port) == 200  # still serving
+        assert await pod_request(world, pod, port, ARM) == 200  # still serving
     finally:
         proc.kill()
         await proc.wait()
-
-
-async def pod_request_arm(world: LoopbackWorld, pod: dict, port: int) -> int:  # type: ignore[type-arg]
-    connector = aiohttp.TCPConnector(local_addr=(world.pod_ip(pod), 0))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        url = (
-            f"http://127.0.0.1:{port}/metadata/identity/oauth2/token"
-            "?api-version=2018-02-01&resource=https://management.azure.com"
-        )
-        async with session.get(url, headers={"Metadata": "true"}) as resp:
-            return resp.status
