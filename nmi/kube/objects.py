@@ -10,6 +10,8 @@ small frozen objects.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -295,9 +297,6 @@ class Secret:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Secret:
-        import base64
-        import binascii
-
         data: dict[str, bytes] = {}
         for key, value in (raw.get("data") or {}).items():
             try:

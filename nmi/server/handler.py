@@ -231,7 +231,7 @@ class ImdsHandler:
         pod = self.resolver.index.pod(namespace, name)
         if pod is None or not pod.can_call:
             return replies.not_found(f"pod {namespace}/{name} is not running on this node")
-        result = await self._serve(pod, parsed, access)
+        result = self._cache_hit(pod, parsed, access) or await self._serve(pod, parsed, access)
         if isinstance(result, web.StreamResponse):
             return result
         token, identity_client_id = result
@@ -288,7 +288,8 @@ class ImdsHandler:
         selector = query.selector
         decision = self.resolver.decide_now(pod, selector)
         if isinstance(decision, Grant | UseNodeIdentity):
-            # The common case: a cached token, no upstream work, no budget spent.  Anything
+            # Cache hits were answered by _cache_hit; here a request can still join an
+            # upstream call already in flight for its key, which spends no budget.  Anything
             # else (a miss, a misconfigured identity) takes the full path below.
             with contextlib.suppress(UpstreamNotAllowed, CredentialError, SecretUnavailable):
                 served = await self._token_for(decision, query, access, upstream=False)

@@ -14,6 +14,7 @@ the call by source IP exactly as it does on a node.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -308,8 +309,6 @@ class LoopbackWorld:
         """Rotate a type-1 secret in Azure AD and in the Kubernetes Secret."""
         value = f"s3cr3t-{uuid.uuid4()}"
         self.aad.set_secrets(identity.client_id, [value])
-        import base64
-
         self.kube.patch(
             "v1",
             "Secret",

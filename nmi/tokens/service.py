@@ -86,16 +86,11 @@ class TokenService:
             IdentityType.SERVICE_PRINCIPAL,
             IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
         ):
-            ref = identity.secret_ref
-            if ref is None:
+            try:
+                namespace, name = self._secret_location(identity)
+            except CredentialError:
                 return None
-            namespace = ref.namespace or identity.meta.namespace
-            if (
-                namespace != identity.meta.namespace
-                and not self.settings.allow_cross_namespace_secrets
-            ):
-                return None
-            secret = self.secrets.peek(namespace, ref.name)
+            secret = self.secrets.peek(namespace, name)
             if secret is None:
                 return None
         elif identity.type != IdentityType.USER_ASSIGNED_MSI:
