@@ -18,7 +18,6 @@ import signal
 import time
 from collections.abc import Hashable, Iterable
 
-from aiohttp import web
 from prometheus_client.core import Metric
 
 from .config import OperationMode, Settings
@@ -36,7 +35,7 @@ from .observability.looplag import LoopLag
 from .observability.metrics import Metrics, MetricsServer, counter, gauge
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
-from .server.listener import JsonErrorServer
+from .server.listener import Listener
 from .server.proxy import MetadataProxy
 from .tokens.cache import TokenCache
 from .tokens.service import TokenService
@@ -70,8 +69,7 @@ class Daemon:
         self.events: EventRecorder | None = None
         self.last_errors = LastErrors()
         self.admin: AdminServer | None = None
-        self._runner: web.ServerRunner | None = None
-        self._sites: list[web.TCPSite] = []
+        self.listener: Listener | None = None
         self.interception: Interception | None = None
         self._background: list[asyncio.Task[None]] = []
         self.port = 0
@@ -132,15 +130,8 @@ class Daemon:
                 }
             },
         )
-        server = JsonErrorServer(self.handler, access_log=None, handler_cancellation=True)
-        self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=s.shutdown_grace
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, s.listen_address, s.port, backlog=1024, reuse_address=True)
-        await site.start()
-        self._sites.append(site)
-        self.port = _bound_port(self._runner, s.port)
+        self.listener = Listener(self.handler)
+        self.port = await self.listener.listen(s.listen_address, s.port)
         self.listening = True
         if s.manage_iptables:
             await self._intercept()
@@ -173,7 +164,7 @@ class Daemon:
     async def _intercept(self) -> None:
         """Install (or adopt) the node's rules and prove the path; see nmi.interception."""
         s = self.settings
-        assert self._runner is not None
+        assert self.listener is not None
         listen = ipaddress.ip_address(s.listen_address)
         if listen.is_unspecified or listen.is_loopback:
             target = await asyncio.to_thread(
@@ -184,9 +175,7 @@ class Daemon:
         if listen.is_loopback:
             # Pods reach nmi through a DNAT to the node address (no route_localnet needed):
             # listen there too; the loopback listener keeps serving /host/token.
-            site = web.TCPSite(self._runner, target, self.port, backlog=1024, reuse_address=True)
-            await site.start()
-            self._sites.append(site)
+            await self.listener.listen(target, self.port)
         spec = rule_spec(s, target, self.port)
         manager = await make_manager(s, spec)
         self.interception = Interception(
@@ -313,13 +302,11 @@ class Daemon:
 
     async def stop(self) -> None:
         self.listening = False
-        for site in self._sites:
-            await site.stop()  # stop accepting; in-flight requests continue
+        if self.listener is not None:
+            # Stop accepting; replies in progress finish (Connection: close), up to the grace.
+            await self.listener.stop(self.settings.shutdown_grace)
         if self.handler is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handler.idle.wait(), self.settings.shutdown_grace)
-        if self._runner is not None:
-            await self._runner.cleanup()
+            self.handler.access_log.flush()
         if self.admin is not None:
             await self.admin.stop()
         if self.events is not None:
@@ -366,10 +353,3 @@ class Daemon:
         log.info("stopping: no new connections, finishing in-flight requests")
         await self.stop()
         return 0
-
-
-def _bound_port(runner: web.BaseRunner, default: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return default

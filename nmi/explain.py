@@ -77,6 +77,7 @@ from .kube.objects import (
 )
 from .observability.logs import redact_id as redact
 from .server import replies
+from .server.messages import Reply
 from .server.target import QueryError, parse_token_query
 from .tokens.cache import SERVE_FLOOR, TokenCache
 from .tokens.service import TokenService, identity_key
@@ -192,9 +193,8 @@ def selector_doc(selector: IdentitySelector) -> JSONDict:
     }
 
 
-def _reply_doc(response: web.Response) -> JSONDict:
-    body = response.body
-    parsed: Any = json.loads(body) if isinstance(body, bytes | bytearray) else {}
+def _reply_doc(response: Reply) -> JSONDict:
+    parsed: Any = json.loads(response.body) if response.body else {}
     return {"status": response.status, "body": parsed}
 
 

@@ -4,8 +4,10 @@ Label sets are bounded: routes are classes (never raw paths), resources are
 never labels (a pod chooses them), identity types are 0/1/2/node.  Counters
 that already exist as plain integers elsewhere (token cache, watches) are
 read at scrape time by a collector, so the request path pays nothing for
-them.  The aad-pod-identity names are exported too, with bounded labels,
-where their meaning is the same, so existing dashboards keep working:
+them; the per-request series are plain-integer histograms (``RequestStats``)
+turned into metric families only when scraped.  The aad-pod-identity names
+are exported too, with bounded labels, where their meaning is the same, so
+existing dashboards keep working:
 
 * ``aadpodidentity_nmi_operations_duration_seconds`` (``operation_type`` = the
   route's canonical path, ``status_code``, ``namespace`` = the pod's, and
@@ -18,12 +20,19 @@ where their meaning is the same, so existing dashboards keep working:
 
 from __future__ import annotations
 
+import functools
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,38 +85,99 @@ ROUTE_PATHS = {
 IMDS_OPERATION = {"0": "adal_token_msi_userassignedid", "node": "adal_token_msi"}
 
 
+@functools.lru_cache(maxsize=1024)
 def resource_label(resource: str) -> str:
     return resource.rstrip("/") if resource.rstrip("/") in KNOWN_RESOURCES else "other"
+
+
+OVERFLOW_NAMESPACE = "(other)"  # not a valid namespace name: no collision
+
+
+class RequestStats:
+    """Request counts and latencies as plain integers, exported when scraped.
+
+    One series per (route, status, namespace, resource label); a request costs
+    a dictionary lookup, a bisect and two additions.  Scraping folds the series
+    into ``nmi_requests_total``, ``nmi_request_duration_seconds`` (by route) and
+    the aad-pod-identity compatible ``aadpodidentity_nmi_operations_duration_seconds``.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS, max_series: int = 10_000):
+        self.buckets = buckets
+        self.max_series = max_series
+        # [count in bucket 0 .. n-1, count above the last bound, sum of seconds]
+        self._series: dict[tuple[str, int, str, str], list[float]] = {}
+        self._width = len(buckets) + 2
+        self._labels = [repr(float(bound)) for bound in buckets]  # as prometheus_client: "1.0"
+
+    def observe(
+        self, route: str, status: int, seconds: float, namespace: str, resource: str
+    ) -> None:
+        key = (route, status, namespace, resource)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= self.max_series:
+                key = (route, status, OVERFLOW_NAMESPACE, resource)
+                series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = [0] * self._width
+        series[bisect_left(self.buckets, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[tuple[str, str], float] = {}
+        by_route: dict[str, list[float]] = {}
+        requests = CounterMetricFamily(
+            "nmi_requests",
+            "Requests served, by route class and status.",
+            labels=["route", "status"],
+        )
+        durations = HistogramMetricFamily(
+            "nmi_request_duration_seconds", "Time to answer a request.", labels=["route"]
+        )
+        compat = HistogramMetricFamily(
+            "aadpodidentity_nmi_operations_duration_seconds",
+            "aad-pod-identity compatible request latency (bounded labels).",
+            labels=["operation_type", "status_code", "namespace", "resource"],
+        )
+        for (route, status, namespace, resource), series in list(self._series.items()):
+            key = (route, str(status))
+            counts[key] = counts.get(key, 0) + sum(series[:-1])
+            total = by_route.setdefault(route, [0] * self._width)
+            for i, value in enumerate(series):
+                total[i] += value
+            if route in ("token", "host_token"):
+                compat.add_metric(
+                    [ROUTE_PATHS[route], str(status), namespace, resource],
+                    self._buckets(series),
+                    series[-1],
+                )
+        for (route, status_text), count in counts.items():
+            requests.add_metric([route, status_text], count)
+        for route, series in by_route.items():
+            durations.add_metric([route], self._buckets(series), series[-1])
+        yield requests
+        yield durations
+        yield compat
+
+    def _buckets(self, series: list[float]) -> list[tuple[str, float]]:
+        cumulative = 0.0
+        out: list[tuple[str, float]] = []
+        for label, count in zip(self._labels, series, strict=False):
+            cumulative += count
+            out.append((label, cumulative))
+        out.append(("+Inf", cumulative + series[len(self.buckets)]))
+        return out
 
 
 class Metrics:
     """All of nmi's metrics in one registry."""
 
     def __init__(self) -> None:
-        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._compat_children: dict[tuple[str, int, str, str], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "nmi_requests",
-            "Requests served, by route class and status.",
-            ["route", "status"],
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "nmi_request_duration_seconds",
-            "Time to answer a request.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compat_operations = Histogram(
-            "aadpodidentity_nmi_operations_duration_seconds",
-            "aad-pod-identity compatible request latency (bounded labels).",
-            ["operation_type", "status_code", "namespace", "resource"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.requests = RequestStats()
+        r.register(_FnCollector(self.requests.collect))
         self.upstream_seconds = Histogram(
             "nmi_upstream_request_duration_seconds",
             "Upstream token calls (Azure AD, IMDS).",
@@ -162,26 +232,10 @@ class Metrics:
     def observe_request(
         self, *, route: str, status: int, seconds: float, namespace: str, resource: str
     ) -> None:
-        # Label children are looked up once per label set (bounded), not per request.
-        children = self._request_children.get((route, status))
-        if children is None:
-            children = (
-                self.requests.labels(route, str(status)),
-                self.request_seconds.labels(route),
-            )
-            self._request_children[(route, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
         if route in ("token", "host_token"):
-            key = (route, status, namespace, resource)
-            compat = self._compat_children.get(key)
-            if compat is None:
-                compat = self.compat_operations.labels(
-                    ROUTE_PATHS[route], str(status), namespace or "", resource_label(resource)
-                )
-                if len(self._compat_children) < 10_000:
-                    self._compat_children[key] = compat
-            compat.observe(seconds)
+            self.requests.observe(route, status, seconds, namespace, resource_label(resource))
+        else:
+            self.requests.observe(route, status, seconds, "", "")
 
     def observe_upstream(
         self, *, source: str, identity_type: str, seconds: float, error: bool, retryable: bool

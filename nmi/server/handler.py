@@ -1,11 +1,16 @@
 """The request path: from an HTTP request to an IMDS-shaped answer.
 
-One plain coroutine per request, in the order ``CONTRACT.md`` fixes: route,
-method, ``Metadata`` header (before any lookup, so SDK probes are answered
-at once), query, caller, identity decision, token.  Every outcome, including
-an unexpected exception, becomes a JSON reply, and every request leaves one
-access-log line.  Nothing here blocks: lookups are dictionary reads, waits
-are on the cluster view's change signal, upstream calls run on threads.
+Two entry points with the same rules.  ``fast`` is synchronous and answers
+what nearly every request is — a token request from a known pod whose
+decision grants an identity with a token in the cache — with the complete
+reply bytes (rendered at most once a second), or declines.  ``__call__`` is
+one coroutine per request for everything else, in the order ``CONTRACT.md``
+fixes: route, method, ``Metadata`` header (before any lookup, so SDK probes
+are answered at once), query, caller, identity decision, token.  Every
+outcome, including an unexpected exception, becomes a JSON reply, and every
+request leaves one access-log line.  Nothing here blocks: lookups are
+dictionary reads, waits are on the cluster view's change signal, upstream
+calls run on threads.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
 
 from ..config import OperationMode, Settings
 from ..explain import LastErrors, error_key
@@ -44,12 +47,15 @@ from ..tokens.credentials import CredentialError
 from ..tokens.model import Token, UpstreamError
 from ..tokens.service import TokenService
 from . import replies
+from .messages import CLOCK, Reply, Request
 from .proxy import MetadataProxy
-from .target import QueryError, Route, TokenQuery, classify, parse_token_query
+from .target import TOKEN_PATH, QueryError, Route, TokenQuery, classify, parse_token_query
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
+_TOKEN_PREFIX = TOKEN_PATH + "?"
+_MAX_LINE_PREFIXES = 4096
 
 
 @dataclass(slots=True)
@@ -66,17 +72,6 @@ class Access:
     upstream_request_id: str = ""
     waited_ms: float = 0.0
     reason: str = ""
-
-
-def peer_ip(request: web.BaseRequest) -> str:
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    if not peer:
-        return ""
-    ip = str(peer[0])
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return ip
 
 
 class ImdsHandler:
@@ -108,14 +103,118 @@ class ImdsHandler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self._line_prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    # -- the cache-hit path ---------------------------------------------------
+
+    def fast(self, request: Request) -> bytes | None:
+        """The whole reply to a cache hit, synchronously; None: take the full path.
+
+        The same checks in the same order as the full path (route, method,
+        ``Metadata``, query, caller, decision), but every one is a dictionary
+        read; whatever is not a plain hit (an error, a miss, a wait, a
+        refusal) is declined and answered by ``__call__``.
+        """
+        target = request.target
+        if request.method != "GET" or not target.startswith(_TOKEN_PREFIX):
+            return None
         started = time.perf_counter()
-        access = Access()
+        try:
+            return self._fast(request, target, started)
+        except Exception:  # never worse than the full path, which answers instead
+            log.exception("unexpected error on the cache-hit path")
+            return None
+
+    def _fast(self, request: Request, target: str, started: float) -> bytes | None:
+        if (
+            self.settings.metadata_header_required
+            and request.header("metadata").strip().lower() != "true"
+        ):
+            return None
+        try:
+            query = parse_token_query(target[len(_TOKEN_PREFIX) :])
+        except QueryError:
+            return None
+        pod = self.resolver.caller_now(request.peer_ip)
+        if isinstance(pod, CallerProblem):
+            return None
+        hit = self._hit(pod, query)
+        if hit is None:
+            return None
+        token, client_id, label = hit
+        second, date = CLOCK.now()
+        data = self.bodies.response(
+            access_token=token.access_token,
+            client_id=client_id,
+            expires_on=token.expires_on,
+            not_before=token.not_before,
+            now=second,
+            date=date,
+            resource=query.resource,
+            token_type=token.token_type,
+        )
+        elapsed = time.perf_counter() - started
+        namespace = pod.meta.namespace
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                route="token",
+                status=200,
+                seconds=elapsed,
+                namespace=namespace,
+                resource=query.resource,
+            )
+        if self.access_log.enabled:
+            key = (request.peer_ip, namespace, pod.meta.name, label, query.resource)
+            prefix = self._line_prefixes.get(key)
+            if prefix is None:
+                if len(self._line_prefixes) >= _MAX_LINE_PREFIXES:
+                    self._line_prefixes.clear()
+                prefix = self.access_log.prefix(
+                    {
+                        "route": "token",
+                        "method": "GET",
+                        "status": 200,
+                        "ip": request.peer_ip,
+                        "namespace": namespace,
+                        "pod": pod.meta.name,
+                        "identity": label,
+                        "resource": query.resource,
+                        "cache": "hit",
+                    }
+                )
+                self._line_prefixes[key] = prefix
+            self.access_log.write_prefixed(
+                prefix,
+                round(elapsed * 1000, 3),
+                request.header("x-ms-client-request-id")[:64],
+            )
+        return data
+
+    def protocol_error(self, peer_ip: str, status: int, reason: str) -> None:
+        """A request the connection could not read (it answers with JSON and closes)."""
+        log.debug("unreadable request from %s: %s", peer_ip, reason)
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                route=Route.INVALID.value, status=status, seconds=0.0, namespace="", resource=""
+            )
+        if self.access_log.enabled:
+            self.access_log.write(
+                {"route": Route.INVALID.value, "status": status, "ip": peer_ip, "reason": reason}
+            )
+
+    # -- the full path ----------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Reply:
+        started = time.perf_counter()
+        access = Access(ip=request.peer_ip)
         self.in_flight += 1
         self.idle.clear()
         try:
             response = await self._dispatch(request, access)
+        except asyncio.CancelledError:
+            # The client went away while waiting: account for it as nginx does (499).
+            self._account(request, access, 499, time.perf_counter() - started)
+            raise
         except Exception:
             log.exception("unexpected error on %s", access.route)
             response = replies.internal_error()
@@ -123,27 +222,27 @@ class ImdsHandler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        elapsed = time.perf_counter() - started
+        self._account(request, access, response.status, time.perf_counter() - started)
+        return response
+
+    def _account(self, request: Request, access: Access, status: int, elapsed: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_request(
                 route=access.route,
-                status=response.status,
+                status=status,
                 seconds=elapsed,
                 namespace=access.namespace,
                 resource=access.resource,
             )
-        self._log(request, response, access, elapsed)
-        return response
+        self._log(request, status, access, elapsed)
 
-    def _log(
-        self, request: web.BaseRequest, response: web.StreamResponse, access: Access, elapsed: float
-    ) -> None:
+    def _log(self, request: Request, status: int, access: Access, elapsed: float) -> None:
         if not self.access_log.enabled:
             return
         fields: dict[str, Any] = {
             "route": access.route,
             "method": request.method,
-            "status": response.status,
+            "status": status,
             "ip": access.ip,
             "namespace": access.namespace,
             "pod": access.pod,
@@ -156,7 +255,7 @@ class ImdsHandler:
             fields["waited_ms"] = round(access.waited_ms, 1)
         if access.upstream_request_id:
             fields["upstream_request_id"] = access.upstream_request_id
-        client_request = request.headers.get("x-ms-client-request-id")
+        client_request = request.header("x-ms-client-request-id")
         if client_request:
             fields["client_request_id"] = client_request[:64]
         if access.reason:
@@ -165,10 +264,9 @@ class ImdsHandler:
 
     # -- routing ------------------------------------------------------------
 
-    async def _dispatch(self, request: web.BaseRequest, access: Access) -> web.StreamResponse:
-        target = classify(request.raw_path)
+    async def _dispatch(self, request: Request, access: Access) -> Reply:
+        target = classify(request.target)
         access.route = target.route.value
-        access.ip = peer_ip(request)
         if target.route is Route.TOKEN:
             return await self._token(request, target.query, access)
         if target.route is Route.HOST_TOKEN:
@@ -181,13 +279,11 @@ class ImdsHandler:
             )
         return await self.proxy.forward(request, target.proxy_target)
 
-    async def _token(
-        self, request: web.BaseRequest, query: str, access: Access
-    ) -> web.StreamResponse:
+    async def _token(self, request: Request, query: str, access: Access) -> Reply:
         if request.method != "GET":
             return replies.method_not_allowed()
         if self.settings.metadata_header_required and (
-            request.headers.get("Metadata", "").strip().lower() != "true"
+            request.header("metadata").strip().lower() != "true"
         ):
             return replies.metadata_required()
         try:
@@ -206,18 +302,16 @@ class ImdsHandler:
             )
         access.namespace, access.pod = found.meta.namespace, found.meta.name
         result = self._cache_hit(found, parsed, access) or await self._serve(found, parsed, access)
-        if isinstance(result, web.StreamResponse):
+        if isinstance(result, Reply):
             return result
         token, identity_client_id = result
         return replies.json_bytes(200, self._render(token, identity_client_id, parsed.resource))
 
-    async def _host_token(
-        self, request: web.BaseRequest, query: str, access: Access
-    ) -> web.StreamResponse:
+    async def _host_token(self, request: Request, query: str, access: Access) -> Reply:
         if request.method != "GET":
             return replies.method_not_allowed()
-        namespace = request.headers.get("podns", "")
-        name = request.headers.get("podname", "")
+        namespace = request.header("podns")
+        name = request.header("podname")
         if not namespace or not name:
             return replies.bad_request("missing 'podname' and 'podns' from request header")
         if access.ip not in LOOPBACK:
@@ -232,7 +326,7 @@ class ImdsHandler:
         if pod is None or not pod.can_call:
             return replies.not_found(f"pod {namespace}/{name} is not running on this node")
         result = self._cache_hit(pod, parsed, access) or await self._serve(pod, parsed, access)
-        if isinstance(result, web.StreamResponse):
+        if isinstance(result, Reply):
             return result
         token, identity_client_id = result
         body = self._render(token, identity_client_id, parsed.resource)
@@ -258,15 +352,23 @@ class ImdsHandler:
         The same decision as the full path (the current view, no waiting); None
         when anything else is needed (a miss, a wait, a refusal, an error).
         """
+        hit = self._hit(pod, query)
+        if hit is None:
+            return None
+        token, client_id, label = hit
+        access.identity = label
+        access.cache = "hit"
+        return token, client_id
+
+    def _hit(self, pod: Pod, query: TokenQuery) -> tuple[Token, str, str] | None:
+        """(token, client id to report, identity for the log) of a cache hit, or None."""
         decision = self.resolver.decide_now(pod, query.selector)
         if isinstance(decision, Grant):
             identity = decision.identity
             token = self.tokens.cached(identity, query.resource)
             if token is None:
                 return None
-            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
-            access.cache = "hit"
-            return token, identity.client_id or token.client_id
+            return token, identity.client_id or token.client_id, identity.meta.key
         if isinstance(decision, UseNodeIdentity):
             selector = query.selector
             token = self.tokens.cached_node(
@@ -277,14 +379,13 @@ class ImdsHandler:
             )
             if token is None:
                 return None
-            access.identity = f"node (exception {decision.exception})"
-            access.cache = "hit"
-            return token, token.client_id or selector.client_id
+            label = f"node (exception {decision.exception})"
+            return token, token.client_id or selector.client_id, label
         return None
 
     async def _serve(
         self, pod: Pod, query: TokenQuery, access: Access
-    ) -> web.StreamResponse | tuple[Token, str]:
+    ) -> Reply | tuple[Token, str]:
         selector = query.selector
         decision = self.resolver.decide_now(pod, selector)
         if isinstance(decision, Grant | UseNodeIdentity):
@@ -397,7 +498,7 @@ class ImdsHandler:
         """The token a granting decision leads to (None for other decisions)."""
         if isinstance(decision, Grant):
             identity = decision.identity
-            access.identity = f"{identity.meta.namespace}/{identity.meta.name}"
+            access.identity = identity.meta.key
             token, hit = await self.tokens.for_identity(identity, query.resource, upstream=upstream)
             access.cache = "hit" if hit else "miss"
             access.upstream_request_id = "" if hit else token.request_id
@@ -443,7 +544,7 @@ def _identity_of(decision: Decision) -> AzureIdentity | None:
     return decision.identity if isinstance(decision, Grant) else None
 
 
-def _query_error(exc: QueryError) -> web.Response:
+def _query_error(exc: QueryError) -> Reply:
     if exc.kind == "api_version_missing":
         return replies.api_version_missing()
     if exc.kind == "api_version_invalid":
@@ -451,7 +552,7 @@ def _query_error(exc: QueryError) -> web.Response:
     return replies.bad_request(exc.description)
 
 
-def _upstream_error(exc: UpstreamError) -> web.Response:
+def _upstream_error(exc: UpstreamError) -> Reply:
     if exc.retryable:
         if exc.status == 429:
             return replies.error(

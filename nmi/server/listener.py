@@ -1,52 +1,108 @@
-"""The token listener: aiohttp's low-level server, with JSON even for broken HTTP.
+"""The token listener: sockets, the connections on them, their timers, a clean stop.
 
-The low-level ``web.Server`` skips routing and middleware (nmi routes by its
-own normalised path).  aiohttp answers requests it cannot parse (an
-over-long line, a malformed request line, bad bytes) itself, in plain text;
-the request handler class is specialised here so that those answers are the
-same IMDS-style JSON as every other error, and so that a flood of garbage is
-logged at debug level instead of one traceback per request.
+One ``Listener`` owns every listening socket of the metadata endpoint (the
+configured address, and the node address the DNAT leads to) and every
+connection accepted on them (``connection.HttpConnection``).  Per-connection
+timers — idle keep-alive, a request that never completes, a client that
+stops reading — are checked by one sweep a second instead of being armed and
+cancelled around each request.  ``stop`` stops accepting, lets each
+connection finish the reply in progress (with ``Connection: close``), closes
+idle ones at once, and aborts what is left after the grace period.
 """
 
 from __future__ import annotations
 
-import logging
-from http import HTTPStatus
+import asyncio
+import contextlib
+import socket
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from .connection import HttpConnection, RequestHandler
 
-from . import replies
+KEEPALIVE_TIMEOUT = 75.0  # as aiohttp, nginx (75 s) and Go's net/http default idle timeout
+REQUEST_TIMEOUT = 15.0  # from the first byte of a request to its last
+WRITE_TIMEOUT = 30.0  # a client that reads none of its replies for this long
 
-log = logging.getLogger(__name__)
 
-
-class _JsonErrorRequestHandler(RequestHandler):
-    def handle_error(
+class Listener:
+    def __init__(
         self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500:
-            log.error("error handling a request", exc_info=exc)
-        else:
-            log.debug("unparseable request: %s", message or exc)
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "Error"
-        code = "invalid_request" if 400 <= status < 500 else "server_error"
-        response = replies.error(status, code, f"{phrase}: the request could not be read")
-        response.force_close()
-        return response
+        handler: RequestHandler,
+        *,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        self.handler = handler
+        self.closing = False
+        self.connections: set[HttpConnection] = set()
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
+        self.write_timeout = write_timeout
+        self.sweep_interval = sweep_interval
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
 
+    async def listen(self, host: str, port: int) -> int:
+        """Start listening on ``host:port`` (0: any free port); returns the bound port."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: HttpConnection(self),
+            host,
+            port,
+            backlog=1024,
+            reuse_address=True,
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+        )
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="listener-sweep")
+        return int(server.sockets[0].getsockname()[1])
 
-class JsonErrorServer(web.Server):
-    """``web.Server`` whose protocol-level errors are JSON."""
+    def opened(self, connection: HttpConnection) -> None:
+        self.connections.add(connection)
+        self._all_closed.clear()
 
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+    def closed(self, connection: HttpConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            self._all_closed.set()
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = loop.time()
+            for connection in list(self.connections):
+                connection.sweep(
+                    now,
+                    keepalive=self.keepalive_timeout,
+                    request_timeout=self.request_timeout,
+                    write_timeout=self.write_timeout,
+                )
+
+    def stop_accepting(self) -> None:
+        self.closing = True
+        for server in self._servers:
+            server.close()
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; finish replies in progress for up to ``grace`` seconds."""
+        self.stop_accepting()
+        for connection in list(self.connections):
+            connection.shutdown()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_closed.wait(), grace)
+        for connection in list(self.connections):
+            connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._servers.clear()

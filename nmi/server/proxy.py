@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from . import replies
+from .messages import Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,25 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+# The listener writes its own; the node IMDS's would be duplicates.
+OWN_HEADERS = frozenset({"date", "server"})
 MAX_BODY = 1 << 20
 
 
-def _strip(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def _strip(
+    headers: Iterable[tuple[str, str]], also: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    pairs = list(headers)
     listed = {
         token.strip().lower()
-        for value in headers.getall("Connection", [])
+        for key, value in pairs
+        if key.lower() == "connection"
         for token in value.split(",")
     }
     return [
         (k, v)
-        for k, v in headers.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in listed
+        for k, v in pairs
+        if k.lower() not in HOP_BY_HOP and k.lower() not in listed and k.lower() not in also
     ]
 
 
@@ -70,9 +76,9 @@ class MetadataProxy:
             await self._session.close()
             self._session = None
 
-    async def forward(self, request: web.BaseRequest, target: str) -> web.StreamResponse:
+    async def forward(self, request: Request, target: str) -> Reply:
         assert self._session is not None, "proxy not started"
-        body = await request.content.read(MAX_BODY + 1) if request.can_read_body else b""
+        body = request.body  # bounded by the connection (413 above its limit)
         if len(body) > MAX_BODY:
             return replies.error(413, "invalid_request", "Request body too large")
         try:
@@ -86,10 +92,12 @@ class MetadataProxy:
                 payload = await upstream.content.read(MAX_BODY + 1)
                 if len(payload) > MAX_BODY:
                     return replies.error(502, "bad_gateway", "Upstream response too large")
-                response = web.Response(status=upstream.status, body=payload)
-                for key, value in _strip(upstream.headers):
-                    response.headers.add(key, value)
-                return response
+                return Reply(
+                    upstream.status,
+                    payload,
+                    content_type=None,
+                    headers=_strip(upstream.headers.items(), OWN_HEADERS),
+                )
         except TimeoutError:
             return replies.error(504, "gateway_timeout", "The node metadata service timed out")
         except (aiohttp.ClientError, OSError) as exc:

@@ -37,10 +37,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiohttp import web
-
-JSON = "application/json; charset=utf-8"
-SERVER = "nmi"
+from .messages import Reply, json_ok_head
 
 IDENTITY_NOT_FOUND = "Identity not found"
 MULTIPLE_IDENTITIES = (
@@ -58,21 +55,15 @@ API_VERSION_INVALID = (
 )
 NEWEST_VERSIONS = ["2018-02-01"]
 
-_HEADERS = {"Content-Type": JSON, "Server": SERVER}
 
-
-def json_reply(status: int, body: Any, *, retry_after: int | None = None) -> web.Response:
-    headers = dict(_HEADERS)
+def json_reply(status: int, body: Any, *, retry_after: int | None = None) -> Reply:
+    headers = []
     if retry_after is not None and status in (429, 503):
-        headers["Retry-After"] = str(max(1, int(retry_after)))
-    return web.Response(
-        status=status, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers
-    )
+        headers.append(("Retry-After", str(max(1, int(retry_after)))))
+    return Reply(status, json.dumps(body, separators=(",", ":")).encode(), headers=headers)
 
 
-def error(
-    status: int, code: str, description: str, *, retry_after: int | None = None
-) -> web.Response:
+def error(status: int, code: str, description: str, *, retry_after: int | None = None) -> Reply:
     if status in (429, 503) and retry_after is None:
         retry_after = 5 if status == 503 else 1
     return json_reply(
@@ -80,15 +71,15 @@ def error(
     )
 
 
-def bad_request(description: str) -> web.Response:
+def bad_request(description: str) -> Reply:
     return error(400, "invalid_request", description)
 
 
-def metadata_required() -> web.Response:
+def metadata_required() -> Reply:
     return bad_request(METADATA_REQUIRED)
 
 
-def api_version_missing(*, invalid: bool = False) -> web.Response:
+def api_version_missing(*, invalid: bool = False) -> Reply:
     return json_reply(
         400,
         {
@@ -98,38 +89,38 @@ def api_version_missing(*, invalid: bool = False) -> web.Response:
     )
 
 
-def identity_not_found() -> web.Response:
+def identity_not_found() -> Reply:
     return bad_request(IDENTITY_NOT_FOUND)
 
 
-def multiple_identities() -> web.Response:
+def multiple_identities() -> Reply:
     return bad_request(MULTIPLE_IDENTITIES)
 
 
 def not_found(
     description: str = "The requested path is not served by this endpoint",
-) -> web.Response:
+) -> Reply:
     return error(404, "not_found", description)
 
 
-def not_ready(description: str, *, retry_after_header: bool) -> web.Response:
+def not_ready(description: str, *, retry_after_header: bool) -> Reply:
     """A transient state on nmi's side (assignment or pod not yet visible)."""
     if retry_after_header:
         return error(503, "server_error", description, retry_after=20)
     return error(404, "not_found", description)
 
 
-def method_not_allowed() -> web.Response:
+def method_not_allowed() -> Reply:
     response = error(405, "method_not_allowed", "Only GET is allowed on this path")
-    response.headers["Allow"] = "GET"
+    response.headers.append(("Allow", "GET"))
     return response
 
 
-def forbidden(description: str) -> web.Response:
+def forbidden(description: str) -> Reply:
     return error(403, "forbidden", description)
 
 
-def internal_error() -> web.Response:
+def internal_error() -> Reply:
     return error(500, "server_error", "Internal error in the node managed identity service")
 
 
@@ -143,7 +134,45 @@ class TokenBodies:
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._parts: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, bytes]] = {}
+        self._whole: dict[tuple[str, str, str], tuple[int, bytes]] = {}
         self._max = max_entries
+
+    def response(
+        self,
+        *,
+        access_token: str,
+        client_id: str,
+        expires_on: int,
+        not_before: int,
+        now: int,
+        date: bytes,
+        resource: str,
+        token_type: str,
+    ) -> bytes:
+        """The whole 200 reply (head and body) on a kept-alive connection.
+
+        Rendered at most once a second per (token, client id, resource): within
+        the same second it is byte for byte the same reply (``Date`` and
+        ``expires_in`` have a resolution of one second).
+        """
+        key = (access_token, client_id, resource)
+        whole = self._whole.get(key)
+        if whole is not None and whole[0] == now:
+            return whole[1]
+        body = self.render(
+            access_token=access_token,
+            client_id=client_id,
+            expires_on=expires_on,
+            not_before=not_before,
+            now=now,
+            resource=resource,
+            token_type=token_type,
+        )
+        data = json_ok_head(date, len(body)) + body
+        if len(self._whole) >= self._max:
+            self._whole.clear()
+        self._whole[key] = (now, data)
+        return data
 
     def render(
         self,
@@ -180,5 +209,5 @@ def _j(value: str) -> bytes:
     return json.dumps(value).encode()
 
 
-def json_bytes(status: int, body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, headers=_HEADERS)
+def json_bytes(status: int, body: bytes) -> Reply:
+    return Reply(status, body)

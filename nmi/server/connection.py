@@ -1,0 +1,360 @@
+"""One client connection of the token listener: HTTP/1.1 over an asyncio protocol.
+
+Requests are parsed by llhttp (through ``httptools``, the parser Node.js and
+aiohttp use, strict: no lenient modes, so conflicting ``Content-Length`` /
+``Transfer-Encoding`` and other smuggling shapes are errors).  Each complete
+request first goes to the handler's synchronous ``fast`` path: a cache hit is
+answered right there, inside ``data_received``, with one ``write`` — no task,
+no future, no response object.  Anything else runs as one task per request
+(``handler(request)``), and requests pipelined behind it wait their turn so
+replies leave in order.
+
+Limits keep one client from costing others: the request head is bounded
+(431), bodies are bounded (413), a client that stops sending half-way through
+a request is answered 408, one that stops reading its replies stops being
+read, and idle keep-alive connections are closed (the timers are checked by
+the listener's once-a-second sweep, not armed per request).  Broken HTTP gets
+the same IMDS-style JSON error as everything else, then the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from .messages import Reply, Request, encode
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+    from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 32 * 1024  # request line + headers
+MAX_HEADERS = 100
+MAX_BODY = 1 << 20
+MAX_PIPELINED = 16  # requests queued behind a slow one before reading pauses
+
+
+class RequestHandler(Protocol):
+    def fast(self, request: Request) -> bytes | None:
+        """The complete reply bytes when the request can be answered synchronously."""
+
+    def __call__(self, request: Request) -> Coroutine[Any, Any, Reply]:
+        """Answer any request (never raises but for cancellation)."""
+
+    def protocol_error(self, peer_ip: str, status: int, reason: str) -> None:
+        """Account for a request that could not be read (answered by the connection)."""
+
+
+class ListenerState(Protocol):
+    handler: RequestHandler
+    closing: bool
+
+    def opened(self, connection: HttpConnection) -> None: ...
+
+    def closed(self, connection: HttpConnection) -> None: ...
+
+
+class _Refuse(Exception):
+    """Raised inside a parser callback: answer ``status`` and end the connection."""
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+
+def error_reply(status: int, description: str) -> Reply:
+    code = "invalid_request" if 400 <= status < 500 else "server_error"
+    body = json.dumps({"error": code, "error_description": description}, separators=(",", ":"))
+    return Reply(status, body.encode(), close=True)
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_closing",
+        "_head_bytes",
+        "_head_wire",
+        "_headers",
+        "_in_head",
+        "_in_request",
+        "_loop",
+        "_paused_reading",
+        "_queue",
+        "_task",
+        "_url",
+        "_write_paused",
+        "handler",
+        "last_activity",
+        "listener",
+        "parser",
+        "peer_ip",
+        "request_started",
+        "transport",
+        "write_paused_at",
+    )
+
+    def __init__(self, listener: ListenerState) -> None:
+        self.listener = listener
+        self.handler = listener.handler
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.last_activity = self._loop.time()
+        self.request_started = 0.0
+        self.write_paused_at = 0.0
+        self._url: list[bytes] = []
+        self._headers: list[tuple[str, str]] = []
+        self._body: bytearray | None = None
+        self._head_bytes = 0
+        self._head_wire = 0
+        self._in_head = False
+        self._in_request = False
+        self._queue: collections.deque[Request | Reply] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._paused_reading = False
+        self._closing = False
+
+    # -- transport events ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            ip = str(peer[0])
+            self.peer_ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+        self.listener.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.closed(self)
+        self._closing = True
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()  # the client is gone: stop waiting on its behalf
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.write_paused_at = self._loop.time()
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._next()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.last_activity = self._loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refuse):
+                self._fail(refused.status, refused.description)
+            else:
+                log.error("error while reading a request", exc_info=refused or exc)
+                self._fail(500, "Internal error while reading the request")
+        except httptools.HttpParserUpgrade:
+            # An upgrade offer (h2c, websocket) is declined by answering in HTTP/1.1
+            # (RFC 9110 7.8); what follows it is not HTTP/1.1, so the connection ends.
+            self._closing_after_replies()
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"Bad Request: the request could not be read ({_reason(exc)})")
+        else:
+            if self._in_head:
+                # A head still incomplete: llhttp would buffer a never-ending header.
+                self._head_wire += len(data)
+                if self._head_wire > MAX_HEAD:
+                    self._fail(431, "Request Header Fields Too Large")
+
+    # -- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._headers = []
+        self._body = None
+        self._head_bytes = 0
+        self._in_head = True
+        self._in_request = True
+        self.request_started = self._loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD:
+            raise _Refuse(414, "URI Too Long")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD:
+            raise _Refuse(431, "Request Header Fields Too Large")
+        if len(self._headers) >= MAX_HEADERS:
+            raise _Refuse(431, "Request Header Fields Too Large: too many headers")
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_wire = 0
+        if (
+            self._task is None
+            and not self._queue
+            and self.transport is not None
+            and any(k == "expect" and v.lower() == "100-continue" for k, v in self._headers)
+        ):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._body is None:
+            self._body = bytearray()
+        if len(self._body) + len(body) > MAX_BODY:
+            raise _Refuse(413, "Request Entity Too Large")
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self._in_request = False
+        parser = self.parser
+        request = Request(
+            method=parser.get_method().decode("latin-1"),
+            target=(self._url[0] if len(self._url) == 1 else b"".join(self._url)).decode("latin-1"),
+            headers=self._headers,
+            peer_ip=self.peer_ip,
+            keep_alive=parser.should_keep_alive(),
+            body=bytes(self._body) if self._body else b"",
+        )
+        if self._task is not None or self._queue or self._write_paused:
+            self._queue.append(request)
+            if len(self._queue) >= MAX_PIPELINED:
+                self._pause_reading()
+            return
+        self._serve(request)
+
+    # -- answering -----------------------------------------------------------
+
+    def _serve(self, request: Request) -> None:
+        keep_alive = request.keep_alive and not self.listener.closing
+        if not keep_alive:
+            self._closing = True  # nothing after this request is read
+            self._pause_reading()
+        else:
+            data = self.handler.fast(request)
+            if data is not None:
+                assert self.transport is not None
+                self.transport.write(data)
+                return
+        self._task = self._loop.create_task(self._answer(request, keep_alive))
+
+    async def _answer(self, request: Request, keep_alive: bool) -> None:
+        try:
+            reply = await self.handler(request)
+        except Exception:  # the handler answers every error itself; this is a last resort
+            log.exception("unexpected error answering a request")
+            reply = error_reply(500, "Internal error in the node managed identity service")
+        self.last_activity = self._loop.time()
+        transport = self.transport
+        if transport is None:
+            return
+        close = not keep_alive or reply.close or self._closing or self.listener.closing
+        transport.write(encode(reply, close=close, head_only=request.method == "HEAD"))
+        self._task = None
+        if close:
+            self._closing = True
+            self._queue.clear()
+            transport.close()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Answer requests that queued behind a slow one, in order."""
+        while self._queue and self._task is None and not self._write_paused:
+            item = self._queue.popleft()
+            if isinstance(item, Reply):
+                self._write_and_close(item)
+                return
+            self._serve(item)
+        if self._paused_reading and len(self._queue) < MAX_PIPELINED and not self._write_paused:
+            self._paused_reading = False
+            if self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+        if self._closing and self._task is None and not self._queue and self.transport:
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _fail(self, status: int, description: str) -> None:
+        """The request stream is broken: answer (after earlier replies), then close."""
+        self.handler.protocol_error(self.peer_ip, status, description)
+        reply = error_reply(status, description)
+        self._closing = True
+        self._in_request = False
+        self._pause_reading()
+        if self._task is not None or self._queue or self._write_paused:
+            self._queue.append(reply)
+        else:
+            self._write_and_close(reply)
+
+    def _write_and_close(self, reply: Reply) -> None:
+        self._queue.clear()
+        if self.transport is not None:
+            self.transport.write(encode(reply, close=True))
+            self.transport.close()
+
+    def _closing_after_replies(self) -> None:
+        self._closing = True
+        self._pause_reading()
+        if self._task is None and not self._queue and self.transport is not None:
+            self.transport.close()
+
+    # -- the listener's sweep ------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue and not self._in_request
+
+    def sweep(
+        self, now: float, *, keepalive: float, request_timeout: float, write_timeout: float
+    ) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._write_paused and now - self.write_paused_at > write_timeout:
+            transport.abort()  # it stopped reading its replies
+        elif (
+            self._in_request and self._task is None and now - self.request_started > request_timeout
+        ):
+            self._fail(408, "Request Timeout: the request was not completed in time")
+        elif self.idle and now - self.last_activity > keepalive:
+            transport.close()
+
+    def shutdown(self) -> None:
+        """Stop after the reply in progress (idle connections end now)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.idle:
+            self._closing = True
+            transport.close()
+        else:
+            self._closing_after_replies()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:120]

@@ -1,0 +1,230 @@
+"""The token listener's HTTP/1.1 handling, over real loopback sockets.
+
+A small handler stands in for nmi's: ``/fast`` is answered synchronously,
+``/slow`` waits until the test releases it, anything else is answered by the
+coroutine path at once.  What is checked is the connection's behaviour:
+keep-alive, pipelined replies in order, limits, timeouts, broken HTTP,
+client disconnects and a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from nmi.server.connection import MAX_BODY, MAX_HEADERS
+from nmi.server.listener import Listener
+from nmi.server.messages import Reply, Request, encode
+
+
+class FakeHandler:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.seen: list[Request] = []
+        self.cancelled = asyncio.Event()
+        self.errors: list[int] = []
+        self.started = asyncio.Event()
+
+    def fast(self, request: Request) -> bytes | None:
+        if request.target == "/fast":
+            self.seen.append(request)
+            return encode(Reply(200, b'{"path":"fast"}'), close=False)
+        return None
+
+    async def __call__(self, request: Request) -> Reply:
+        self.seen.append(request)
+        if request.target == "/slow":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        body = json.dumps({"path": request.target, "body": len(request.body)}).encode()
+        return Reply(200, body)
+
+    def protocol_error(self, peer_ip: str, status: int, reason: str) -> None:
+        self.errors.append(status)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Listener, FakeHandler, int]]:
+    handler = FakeHandler()
+    listener = Listener(
+        handler, keepalive_timeout=0.5, request_timeout=0.5, write_timeout=1.0, sweep_interval=0.1
+    )
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        yield listener, handler, port
+    finally:
+        await listener.stop(1.0)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    return status, headers, body
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(served) -> None:  # type: ignore[no-untyped-def]
+    _, handler, port = served
+    reader, writer = await connect(port)
+    for path in ("/fast", "/other", "/fast"):
+        writer.write(get(path))
+        status, headers, _ = await read_reply(reader)
+        assert status == 200 and "connection" not in headers
+        assert headers["server"] == "nmi" and headers["date"]
+    assert [r.target for r in handler.seen] == ["/fast", "/other", "/fast"]
+    assert handler.seen[0].peer_ip == "127.0.0.1"
+    writer.close()
+
+
+async def test_pipelined_replies_keep_request_order(served) -> None:  # type: ignore[no-untyped-def]
+    _, handler, port = served
+    reader, writer = await connect(port)
+    writer.write(get("/slow") + get("/fast") + get("/other"))
+    await handler.started.wait()
+    handler.release.set()
+    bodies = [json.loads((await read_reply(reader))[2])["path"] for _ in range(3)]
+    assert bodies == ["/slow", "fast", "/other"]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1))
+            + b"\r\n",
+            431,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+            + b"a" * (MAX_BODY + 1),
+            413,
+        ),
+    ],
+    ids=["garbage", "cl-and-te", "huge-header", "many-headers", "huge-body"],
+)
+async def test_unreadable_requests_get_json_and_the_connection_ends(  # type: ignore[no-untyped-def]
+    served, raw: bytes, status: int
+) -> None:
+    _, handler, port = served
+    reader, writer = await connect(port)
+    writer.write(raw)
+    with_error = await read_reply(reader)
+    assert with_error[0] == status
+    assert with_error[1]["connection"] == "close"
+    assert with_error[1]["content-type"].startswith("application/json")
+    assert json.loads(with_error[2])["error"] == "invalid_request"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+    assert handler.errors == [status]
+    writer.close()
+
+
+async def test_http10_and_connection_close_end_the_connection(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port = served
+    for raw in (b"GET /fast HTTP/1.0\r\n\r\n", get("/fast", "Connection: close\r\n")):
+        reader, writer = await connect(port)
+        writer.write(raw + get("/fast"))  # the second request is never answered
+        status, headers, _ = await read_reply(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_upgrade_offers_are_declined_in_http11(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port = served
+    for path in ("/fast", "/other"):
+        reader, writer = await connect(port)
+        writer.write(get(path, "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"))
+        status, _, body = await read_reply(reader)
+        assert status == 200 and body
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_body_and_head(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port = served
+    reader, writer = await connect(port)
+    writer.write(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert json.loads((await read_reply(reader))[2])["body"] == 5
+    writer.write(b"HEAD /other HTTP/1.1\r\nHost: x\r\n\r\n" + get("/fast"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"Content-Length: " in head  # the length a GET would have, and no body:
+    assert json.loads((await read_reply(reader))[2])["path"] == "fast"
+    writer.close()
+
+
+async def test_incomplete_request_times_out_with_408(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port = served
+    reader, writer = await connect(port)
+    writer.write(b"GET /fast HTTP/1.1\r\nHost: x\r\n")  # never finished
+    status, headers, _ = await read_reply(reader)
+    assert status == 408 and headers["connection"] == "close"
+    writer.close()
+
+
+async def test_idle_keep_alive_connection_is_closed(served) -> None:  # type: ignore[no-untyped-def]
+    listener, _, port = served
+    reader, writer = await connect(port)
+    writer.write(get("/fast"))
+    await read_reply(reader)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after keepalive_timeout
+    writer.close()
+    assert not listener.connections
+
+
+async def test_client_that_leaves_cancels_its_request(served) -> None:  # type: ignore[no-untyped-def]
+    _, handler, port = served
+    _, writer = await connect(port)
+    writer.write(get("/slow"))
+    await handler.started.wait()
+    writer.close()
+    await asyncio.wait_for(handler.cancelled.wait(), 5)
+
+
+async def test_stop_finishes_replies_in_progress_and_closes_idle_connections(served) -> None:  # type: ignore[no-untyped-def]
+    listener, handler, port = served
+    idle_reader, idle_writer = await connect(port)
+    idle_writer.write(get("/fast"))
+    await read_reply(idle_reader)
+    reader, writer = await connect(port)
+    writer.write(get("/slow"))
+    await handler.started.wait()
+    stopping = asyncio.create_task(listener.stop(5.0))
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # idle: closed at once
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+    handler.release.set()
+    status, headers, _ = await read_reply(reader)
+    assert status == 200 and headers["connection"] == "close"
+    await asyncio.wait_for(stopping, 5)
+    assert not listener.connections
+    for w in (writer, idle_writer):
+        w.close()
