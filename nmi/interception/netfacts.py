@@ -1,4 +1,4 @@
-"""What the node's own network says, read through netlink (pyroute2).
+"""What the node's own network says, read through rtnetlink (``netlink.py``).
 
 Two questions decide whether source-IP attribution can be trusted and where
 pods' metadata traffic should be sent:
@@ -17,7 +17,7 @@ pods' metadata traffic should be sent:
   checks; nmi then refuses to start unless ``--allow-network-plugin-kubenet``.
   This is decided from the interfaces and routes themselves, not from a file.
 
-pyroute2 is synchronous; callers run these functions in a thread.
+Netlink reads are synchronous; callers run these functions in a thread.
 """
 
 from __future__ import annotations
@@ -25,12 +25,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from pyroute2 import IPRoute
-
-AF_INET = 2
-RT_TABLE_MAIN = 254
+from .netlink import NetlinkError, RtNetlink
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,59 +41,47 @@ class Attachment:
         return self.style == "shared-bridge"
 
 
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get(name)
-
-
-def _links(ipr: IPRoute) -> dict[int, tuple[str, str]]:
-    """index -> (name, kind)"""
-    out: dict[int, tuple[str, str]] = {}
-    for link in ipr.get_links():
-        info = _attr(link, "IFLA_LINKINFO")
-        kind = str(info.get("IFLA_INFO_KIND") or "") if info else ""
-        out[int(link["index"])] = (str(_attr(link, "IFLA_IFNAME") or ""), kind)
-    return out
-
-
 def node_address(*, configured: str, metadata_ip: str) -> str:
     """The node's IPv4 address for the DNAT target (see module docstring)."""
     if configured:
         return configured
-    with IPRoute() as ipr:
-        for route in ipr.get_routes(family=AF_INET, table=RT_TABLE_MAIN):
-            if route["dst_len"] == 0 and _attr(route, "RTA_PREFSRC"):
-                return str(_attr(route, "RTA_PREFSRC"))
-        for route in ipr.get_routes(family=AF_INET, table=RT_TABLE_MAIN):
-            if route["dst_len"] == 0 and _attr(route, "RTA_OIF"):
-                src = ipr.route("get", dst=str(_attr(route, "RTA_GATEWAY") or "8.8.8.8"))
-                if src and _attr(src[0], "RTA_PREFSRC"):
-                    return str(_attr(src[0], "RTA_PREFSRC"))
-        for addr in ipr.get_addr(family=AF_INET):
-            ip = str(_attr(addr, "IFA_ADDRESS") or "")
-            if not ip or ip == metadata_ip:
+    with RtNetlink() as nl:
+        routes = nl.routes()
+        for route in routes:
+            if route.dst_len == 0 and route.prefsrc:
+                return route.prefsrc
+        for route in routes:
+            if route.dst_len == 0 and route.oif:
+                try:  # a lookup in the routing table; nothing is sent
+                    found = nl.route_get(route.gateway or "8.8.8.8")
+                except NetlinkError:
+                    continue
+                if found is not None and found.prefsrc:
+                    return found.prefsrc
+        for addr in nl.addresses():
+            if addr.address == metadata_ip:
                 continue
-            parsed = ipaddress.ip_address(ip)
+            parsed = ipaddress.ip_address(addr.address)
             if parsed.is_loopback or parsed.is_link_local:
                 continue
-            return ip
+            return addr.address
     raise LookupError("no node address found: pass --node-ip (the DaemonSet sets HOST_IP)")
 
 
 def pod_attachment(pod_ips: Iterable[str]) -> Attachment:
     """Per-pod interfaces with host routes, or a shared bridge?"""
-    with IPRoute() as ipr:
-        links = _links(ipr)
+    with RtNetlink() as nl:
+        links = {link.index: (link.name, link.kind) for link in nl.links()}
         ips = [ip for ip in pod_ips if ipaddress.ip_address(ip).version == 4]
         by_oif: dict[int, list[str]] = {}
         for ip in ips:
             try:
-                found = ipr.route("get", dst=ip)
-            except Exception:  # noqa: S112 - an unroutable pod IP says nothing either way
+                found = nl.route_get(ip)
+            except NetlinkError:  # an unroutable pod IP says nothing either way
                 continue
-            if not found:
+            if found is None:
                 continue
-            oif = int(_attr(found[0], "RTA_OIF") or 0)
-            by_oif.setdefault(oif, []).append(ip)
+            by_oif.setdefault(found.oif, []).append(ip)
         for oif, routed in by_oif.items():
             name, kind = links.get(oif, ("?", ""))
             if kind == "bridge":
@@ -108,13 +92,11 @@ def pod_attachment(pod_ips: Iterable[str]) -> Attachment:
                 return Attachment("shared-bridge", f"pod IPs {routed[:3]} share interface {name}")
         # No pod routed yet: kubenet's bridge is always cbr0, carrying the node's pod subnet.
         # (Other bridges, such as docker0, say nothing about how pods are attached.)
-        for addr in ipr.get_addr(family=AF_INET):
-            index = int(addr["index"])
-            name, kind = links.get(index, ("?", ""))
-            if kind == "bridge" and name == "cbr0" and addr["prefixlen"] < 32:
+        for addr in nl.addresses():
+            name, kind = links.get(addr.index, ("?", ""))
+            if kind == "bridge" and name == "cbr0" and addr.prefixlen < 32:
                 return Attachment(
-                    "shared-bridge",
-                    f"bridge {name} carries {_attr(addr, 'IFA_ADDRESS')}/{addr['prefixlen']}",
+                    "shared-bridge", f"bridge {name} carries {addr.address}/{addr.prefixlen}"
                 )
         if by_oif:
             return Attachment("per-pod", f"{len(ips)} pod IPs on {len(by_oif)} interfaces")

@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
+
+from .lean_import import load
+
+k8s_client, k8s_config = load()
 
 
 class KubeApi:
@@ -31,7 +33,7 @@ class KubeApi:
                 config_file=path, client_configuration=configuration, persist_config=False
             )
         else:
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            k8s_config.load_incluster_config(client_configuration=configuration)
         return cls(k8s_client.ApiClient(configuration=configuration))
 
     @property

@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 NAMESPACED_ANNOTATION = "aadpodidentity.k8s.io/Behavior"
@@ -60,10 +62,30 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
-def _str_map(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): _str(v) for k, v in value.items()}
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+OWN_ANNOTATION_PREFIX = NAMESPACED_ANNOTATION.split("/")[0].lower() + "/"
+
+
+def _str_map(value: Any) -> Mapping[str, str]:
+    """A string map; empty ones share one object, and keys and values repeated across
+    objects (label names, namespaces) are interned: the view of a cluster holds
+    thousands of these."""
+    if not isinstance(value, Mapping) or not value:
+        return _EMPTY
+    return {sys.intern(str(k)): sys.intern(_str(v)) for k, v in value.items()}
+
+
+def _own_annotations(value: Any) -> Mapping[str, str]:
+    """Only aad-pod-identity's annotations: nothing else is read, and others (a
+    last-applied-configuration, a sidecar's status) can be kilobytes each."""
+    if not isinstance(value, Mapping) or not value:
+        return _EMPTY
+    own = {
+        str(k): _str(v)
+        for k, v in value.items()
+        if str(k).lower().startswith(OWN_ANNOTATION_PREFIX)
+    }
+    return own or _EMPTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +96,20 @@ class Meta:
     name: str
     uid: str
     resource_version: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     deleting: bool = False
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> Meta:
         m = raw or {}
         return cls(
-            namespace=_str(m.get("namespace")),
+            namespace=sys.intern(_str(m.get("namespace"))),
             name=_str(m.get("name")),
             uid=_str(m.get("uid")),
             resource_version=_str(m.get("resourceVersion")),
             labels=_str_map(m.get("labels")),
-            annotations=_str_map(m.get("annotations")),
+            annotations=_own_annotations(m.get("annotations")),
             deleting=bool(m.get("deletionTimestamp")),
         )
 

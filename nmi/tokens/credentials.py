@@ -14,21 +14,24 @@ Secrets are read as aad-pod-identity's users wrote them:
 The authority comes from ``spec.adEndpoint`` + ``spec.tenantID``; a login host
 that is not a known Azure cloud or explicitly allowed is refused, so an
 identity can never send a Secret to an arbitrary endpoint.
+
+``cryptography`` (about 9 MB resident) is imported only when a certificate
+is first read: most nodes never need it.  Reading one is CPU work; callers
+run ``client_certificate_from`` in a thread.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..config import DEFAULT_AUTHORITY, KNOWN_AUTHORITY_HOSTS, Settings
 from ..kube.objects import AzureIdentity, Secret
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")
 
@@ -117,6 +120,11 @@ def _get_ci(data: dict[str, bytes], *names: str) -> bytes | None:
 
 
 def client_certificate_from(secret: Secret) -> ClientCertificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     data = dict(secret.data)
     blob = _get_ci(data, "certificate", "tls.crt")
     if not blob:

@@ -8,6 +8,7 @@ authority validated only on a miss, inside the single upstream flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Hashable
@@ -149,7 +150,7 @@ class TokenService:
         if identity.type == IdentityType.SERVICE_PRINCIPAL:
             credential: object = client_secret_from(secret)
         else:
-            credential = client_certificate_from(secret)
+            credential = await asyncio.to_thread(client_certificate_from, secret)
         assert not isinstance(credential, type(None))
         return await self.upstream.from_aad(
             client_id=identity.client_id,
