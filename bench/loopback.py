@@ -13,7 +13,7 @@
 The client runs in its own process (``bench/http_client.py``) so that it does
 not share an event loop or a GIL with the daemon.
 
-usage: python -m bench.loopback [--requests 1000] [--concurrency 100]
+usage: python -m bench.loopback [--requests 1000] [--concurrency 1000]
 """
 
 from __future__ import annotations
@@ -173,6 +173,6 @@ async def wake_up(world: LoopbackWorld, samples: int = 20) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=1000)
     ns = parser.parse_args()
     asyncio.run(main(ns.requests, ns.concurrency))
