@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shutdown-grace", type=_seconds, default=10.0, help="time to finish requests")
     p.add_argument(
+        "--new-pod-grace",
+        type=_seconds,
+        default=3.0,
+        help="a pod this young (seconds) waits for its binding to be seen before a refusal",
+    )
+    p.add_argument(
         "--node-ip",
         default=os.environ.get("HOST_IP", ""),
         help="node IPv4 address the DNAT targets (env HOST_IP; default: found via netlink)",
@@ -252,6 +258,7 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         metrics_address=args.prometheus_address,
         upstream_timeout=args.upstream_timeout,
         shutdown_grace=args.shutdown_grace,
+        new_pod_grace=args.new_pod_grace,
         custom_user_agent=args.custom_user_agent,
         node_ip=args.node_ip,
         per_pod_rate=args.per_pod_rate,

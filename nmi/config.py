@@ -78,6 +78,7 @@ class Settings:
     metrics_address: str = "0.0.0.0"
     upstream_timeout: float = 30.0
     pod_lookup_timeout: float = 2.0
+    new_pod_grace: float = 3.0
     shutdown_grace: float = 10.0
     custom_user_agent: str = ""
     node_ip: str = ""
@@ -109,6 +110,8 @@ class Settings:
             raise ConfigError("--find-identity-retry-interval must not be negative")
         if self.ipt_update_interval_sec <= 0:
             raise ConfigError("--ipt-update-interval-sec must be positive")
+        if self.new_pod_grace < 0:
+            raise ConfigError("--new-pod-grace must not be negative")
         if self.upstream_timeout <= 0:
             raise ConfigError("upstream timeout must be positive")
         if self.node_ip:

@@ -7,7 +7,12 @@ view's change signal rather than sleeping in a loop:
   so an unknown IP is given ``pod_lookup_timeout`` for it to show up;
 * MIC: while an assignment is missing or ``Created`` the request re-decides on
   every change, bounded by ``--retry-attempts-for-created`` and
-  ``--retry-attempts-for-assigned`` times ``--find-identity-retry-interval``.
+  ``--retry-attempts-for-assigned`` times ``--find-identity-retry-interval``;
+* a new pod: pods, bindings and identities arrive on separate watches, so a
+  pod created together with its binding can be seen first.  While a pod is
+  younger than ``--new-pod-grace`` (from its ``creationTimestamp``), "nothing
+  matches" is not final either: the request re-decides on every change until
+  the pod is that old.  Older pods are refused at once.
 
 The pod is re-read on every pass and must keep its UID: a pod that was deleted
 or replaced while its request waited gets nothing.
@@ -71,6 +76,13 @@ class Resolver:
             object_id_of=self.object_id_of,
         )
 
+    def _young_for(self, pod: Pod) -> float:
+        """Seconds until ``pod`` is older than the new-pod grace (0: not young)."""
+        grace = self.settings.new_pod_grace
+        if grace <= 0 or not pod.created:
+            return 0.0
+        return max(0.0, min(grace, pod.created + grace - time.time()))
+
     async def resolve(self, pod: Pod, selector: IdentitySelector) -> tuple[Decision, float]:
         """The final decision, and the seconds spent waiting for MIC.
 
@@ -80,6 +92,15 @@ class Resolver:
         current = pod
         while True:
             decision = self.decide_now(current, selector)
+            if isinstance(decision, Deny) and decision.kind == "not_found":
+                grace = self._young_for(current)
+                if grace <= 0 or not await self.index.changed.wait(grace):
+                    return decision, time.monotonic() - started
+                latest = self.index.pod(pod.meta.namespace, pod.meta.name)
+                if latest is None or latest.meta.uid != pod.meta.uid or not latest.can_call:
+                    return decision, time.monotonic() - started
+                current = latest
+                continue
             if not isinstance(decision, Wait):
                 return decision, time.monotonic() - started
             bound = (

@@ -16,6 +16,7 @@ import hashlib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -60,6 +61,16 @@ def field_ci(obj: Mapping[str, Any] | None, key: str, default: Any = None) -> An
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _timestamp(value: Any) -> float:
+    """An RFC 3339 timestamp as the API server writes it, in epoch seconds (0: none)."""
+    if not isinstance(value, str) or not value:
+        return 0.0
+    try:
+        return datetime.fromisoformat(value).timestamp()  # 3.11 reads the trailing "Z"
+    except ValueError:
+        return 0.0
 
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -127,6 +138,7 @@ class Pod:
     phase: str
     ips: tuple[str, ...]
     host_network: bool
+    created: float = 0.0  # metadata.creationTimestamp, seconds since the epoch (0: unknown)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Pod:
@@ -146,6 +158,7 @@ class Pod:
             phase=_str(status.get("phase")),
             ips=tuple(ips),
             host_network=bool(spec.get("hostNetwork")),
+            created=_timestamp((raw.get("metadata") or {}).get("creationTimestamp")),
         )
 
     @property

@@ -409,8 +409,12 @@ class ImdsHandler:
                 )
         decision, waited = await self.resolver.resolve(pod, selector)
         access.waited_ms = waited * 1000
-        if waited > 0.001 and self.metrics is not None:
-            self.metrics.assignment_wait.observe(waited)
+        if (
+            waited > 0.001
+            and self.metrics is not None
+            and not (isinstance(decision, Deny) and decision.kind == "not_found")
+        ):
+            self.metrics.assignment_wait.observe(waited)  # not a new pod's grace that ran out
         if (
             selector.object_id
             and isinstance(decision, Deny)

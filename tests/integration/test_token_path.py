@@ -96,15 +96,49 @@ async def test_trailing_slash_resource_and_msal_node_paths(running: LoopbackWorl
         assert reply.body["resource"] == "https://management.azure.com/"
 
 
-async def test_unbound_pod_is_refused_at_once(running: LoopbackWorld) -> None:
-    pod = running.add_pod("lonely")
-    await running.pod_visible(pod)
+async def test_unbound_pod_is_refused_at_once(world: LoopbackWorld) -> None:
+    # A pod older than the new-pod grace (here: no grace) gets its refusal at once.
+    await world.start_daemon(new_pod_grace=0)
+    pod = world.add_pod("lonely")
+    await world.pod_visible(pod)
     started = time.monotonic()
-    reply = await running.get_token(running.pod_ip(pod))
+    reply = await world.get_token(world.pod_ip(pod))
     assert time.monotonic() - started < 1.0
     assert reply.status == 400
     assert reply.body == {"error": "invalid_request", "error_description": "Identity not found"}
     assert "Retry-After" not in reply.headers
+
+
+async def test_new_pod_waits_for_a_binding_seen_after_it(world: LoopbackWorld) -> None:
+    """Pods and bindings come on separate watches: a new pod may be seen first."""
+    daemon = await world.start_daemon(new_pod_grace=30)
+    pod = world.add_pod("early", selector="late-selector")
+    await world.pod_visible(pod)
+    asking = asyncio.create_task(world.get_token(world.pod_ip(pod)))
+    assert daemon.handler is not None
+    handler = daemon.handler
+    deadline = time.monotonic() + 10
+    # until the request is inside nmi (a counter with no event to wait on)
+    while handler.in_flight == 0 and not asking.done() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert handler.in_flight == 1 and not asking.done()  # waiting, not refused
+    ident = world.add_user_assigned_identity("late-id", selector="late-selector")
+    world.assign(pod, ident)  # the binding, then MIC's assignment, arrive now
+    reply = await asyncio.wait_for(asking, 10)
+    assert reply.status == 200, reply.body
+
+
+async def test_new_pod_without_identity_is_refused_when_its_grace_ends(
+    world: LoopbackWorld,
+) -> None:
+    await world.start_daemon(new_pod_grace=1.0)
+    pod = world.add_pod("newcomer")
+    await world.pod_visible(pod)
+    started = time.monotonic()
+    reply = await world.get_token(world.pod_ip(pod))
+    elapsed = time.monotonic() - started
+    assert reply.status == 400 and reply.body["error_description"] == "Identity not found"
+    assert elapsed < 1.5  # bounded by the grace, counted from the pod's creation
 
 
 async def test_metadata_probe_answered_at_once_for_any_caller(running: LoopbackWorld) -> None:

@@ -87,3 +87,19 @@ def test_secret_repr_hides_values() -> None:
     s = Secret.parse(m.secret(name="s", data={"clientsecret": b"hunter2"}))
     assert s.data["clientsecret"] == b"hunter2"
     assert "hunter2" not in repr(s)
+
+
+def test_pod_creation_time_and_only_own_annotations_are_kept() -> None:
+    raw = m.pod(name="p", namespace="ns", node="n", ip="10.0.0.1", labels={"app": "x"})
+    raw["metadata"]["creationTimestamp"] = "2026-11-26T19:00:00Z"
+    raw["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 5000 + "}",
+        "AADPodIdentity.k8s.io/Behavior": "namespaced",
+    }
+    pod = Pod.parse(raw)
+    assert pod.created == 1795719600.0
+    assert dict(pod.meta.annotations) == {"AADPodIdentity.k8s.io/Behavior": "namespaced"}
+    assert dict(pod.meta.labels) == {"app": "x"}
+    bare = Pod.parse({"metadata": {"name": "q", "creationTimestamp": "not a time"}})
+    assert bare.created == 0.0
+    assert bare.meta.labels is bare.meta.annotations  # one shared empty map
