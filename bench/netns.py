@@ -14,8 +14,8 @@ Measurements (default: 1-4, about 3.5 minutes on 2 cores):
    access-log line per request) written to a file; then, at 16 and 64
    connections, once each with ``--log-format json`` to a file and with the
    text log to ``/dev/null`` (the cost of the access log), and with
-   ``--per-pod-rate=0`` when this nmi has that flag (the cost of the per-pod
-   budget, which every request of the benchmark pod draws from).
+   ``--per-pod-rate=0`` when this nmi has that flag (a check that the per-pod
+   budget costs cache hits nothing: they do not draw from it).
 2. **nginx** in the node namespace returning the exact bytes nmi returned,
    with the DNAT pointed at it (``worker_processes`` 1, and 2 for reference):
    the physical limit of this machine.

@@ -39,6 +39,7 @@ MAX_HEAD = 32 * 1024  # request line + headers
 MAX_HEADERS = 100
 MAX_BODY = 1 << 20
 MAX_PIPELINED = 16  # requests queued behind a slow one before reading pauses
+LINGER = 2.0  # seconds an errored connection keeps draining what the client still sends
 
 
 class RequestHandler(Protocol):
@@ -78,6 +79,7 @@ def error_reply(status: int, description: str) -> Reply:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
+        "_begun",
         "_body",
         "_closing",
         "_head_bytes",
@@ -93,6 +95,7 @@ class HttpConnection(asyncio.Protocol):
         "_write_paused",
         "handler",
         "last_activity",
+        "lingering_until",
         "listener",
         "parser",
         "peer_ip",
@@ -111,11 +114,13 @@ class HttpConnection(asyncio.Protocol):
         self.last_activity = self._loop.time()
         self.request_started = 0.0
         self.write_paused_at = 0.0
+        self.lingering_until = 0.0
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
         self._body: bytearray | None = None
         self._head_bytes = 0
         self._head_wire = 0
+        self._begun = False
         self._in_head = False
         self._in_request = False
         self._queue: collections.deque[Request | Reply] = collections.deque()
@@ -154,8 +159,9 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
-            return
+            return  # after the last reply (or lingering after an error): dropped
         self.last_activity = self._loop.time()
+        self._begun = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -172,15 +178,23 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(400, f"Bad Request: the request could not be read ({_reason(exc)})")
         else:
-            if self._in_head:
-                # A head still incomplete: llhttp would buffer a never-ending header.
+            if self._in_head and not self._begun:
+                # A head that was already incomplete before this chunk and still is: all
+                # of it is head (httptools would buffer a never-ending header).  A chunk in
+                # which a request began is not counted: pipelined requests before it are
+                # not head bytes, and the chunk size itself is bounded.
                 self._head_wire += len(data)
                 if self._head_wire > MAX_HEAD:
                     self._fail(431, "Request Header Fields Too Large")
 
+    def eof_received(self) -> bool | None:
+        return None  # the client is done sending: close (a waiting request is cancelled)
+
     # -- parser callbacks ----------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun = True
+        self._head_wire = 0
         self._url = []
         self._headers = []
         self._body = None
@@ -307,10 +321,27 @@ class HttpConnection(asyncio.Protocol):
             self._write_and_close(reply)
 
     def _write_and_close(self, reply: Reply) -> None:
+        """Send an error and end the connection, lingering so that the reply arrives.
+
+        The client may still be sending (the rest of a refused body or header):
+        closing with unread data makes the kernel answer with a reset, which can
+        destroy the reply before the client reads it.  So the sending side is shut,
+        what still arrives is read and dropped, and the socket closes when the
+        client closes its side or after ``LINGER`` seconds (the listener's sweep).
+        """
         self._queue.clear()
-        if self.transport is not None:
-            self.transport.write(encode(reply, close=True))
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(encode(reply, close=True))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering_until = self._loop.time() + LINGER
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
 
     def _closing_after_replies(self) -> None:
         self._closing = True
@@ -330,7 +361,10 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self._write_paused and now - self.write_paused_at > write_timeout:
+        if self.lingering_until:
+            if now > self.lingering_until:
+                transport.close()
+        elif self._write_paused and now - self.write_paused_at > write_timeout:
             transport.abort()  # it stopped reading its replies
         elif (
             self._in_request and self._task is None and now - self.request_started > request_timeout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -228,3 +229,34 @@ async def test_stop_finishes_replies_in_progress_and_closes_idle_connections(ser
     assert not listener.connections
     for w in (writer, idle_writer):
         w.close()
+
+
+async def test_client_that_reads_no_replies_is_dropped(served) -> None:  # type: ignore[no-untyped-def]
+    listener, _, port = served
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up quickly
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(get("/fast"))
+    await read_reply(reader)  # the connection is established and served
+    assert len(listener.connections) == 1
+    started = asyncio.get_running_loop().time()
+    writer.write(get("/fast") * 100_000)  # replies pile up: the client reads no more
+    try:
+        await asyncio.wait_for(listener._all_closed.wait(), 20)  # paused, then aborted
+        assert asyncio.get_running_loop().time() - started >= listener.write_timeout
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_header_that_never_ends_is_refused(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port = served
+    reader, writer = await connect(port)
+    writer.write(b"GET /fast HTTP/1.1\r\nX-Endless: ")
+    for _ in range(200):  # piece by piece, as a slow client would
+        writer.write(b"a" * 1024)
+        await writer.drain()
+    status, headers, _ = await read_reply(reader)
+    assert status == 431 and headers["connection"] == "close"
+    writer.close()
