@@ -278,7 +278,12 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        close = not keep_alive or reply.close or self._closing or self.listener.closing
+        close = (
+            not keep_alive
+            or reply.close
+            or self.listener.closing
+            or (self._closing and not self._queue)  # nothing more will be read or answered
+        )
         transport.write(encode(reply, close=close, head_only=request.method == "HEAD"))
         self._task = None
         if close:
@@ -310,6 +315,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _fail(self, status: int, description: str) -> None:
         """The request stream is broken: answer (after earlier replies), then close."""
+        if self._closing:
+            return  # bytes after the connection's last request: never read, never answered
         self.handler.protocol_error(self.peer_ip, status, description)
         reply = error_reply(status, description)
         self._closing = True

@@ -109,6 +109,19 @@ async def test_pipelined_replies_keep_request_order(served) -> None:  # type: ig
     writer.close()
 
 
+async def test_requests_before_a_broken_one_are_still_answered(served) -> None:  # type: ignore[no-untyped-def]
+    _, handler, port = served
+    reader, writer = await connect(port)
+    writer.write(get("/slow") + get("/other") + b"NOT HTTP\r\n\r\n")
+    await handler.started.wait()
+    handler.release.set()
+    assert json.loads((await read_reply(reader))[2])["path"] == "/slow"
+    assert json.loads((await read_reply(reader))[2])["path"] == "/other"
+    status, headers, _ = await read_reply(reader)
+    assert status == 400 and headers["connection"] == "close"
+    writer.close()
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
