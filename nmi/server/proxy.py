@@ -78,6 +78,8 @@ class MetadataProxy:
 
     async def forward(self, request: Request, target: str) -> Reply:
         assert self._session is not None, "proxy not started"
+        if not target.startswith("/"):  # the URL below must keep the node IMDS as its host
+            return replies.bad_request("The request target is not a path")
         body = request.body  # bounded by the connection (413 above its limit)
         if len(body) > MAX_BODY:
             return replies.error(413, "invalid_request", "Request body too large")

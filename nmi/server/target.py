@@ -50,9 +50,28 @@ class Target:
 _TOKEN_PREFIX = TOKEN_PATH + "?"
 
 
+def _origin_form(raw_target: str) -> str | None:
+    """The target as ``/path?query``: absolute-form (``http://host/path``, which
+    servers must accept, RFC 9112 3.2.2) loses its authority — nmi *is* the
+    metadata endpoint, whatever host was named; anything else not starting
+    with ``/`` (``*``, authority-form) is None."""
+    if raw_target.startswith("/"):
+        return raw_target
+    scheme, sep, rest = raw_target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    remainder = rest[cut:]
+    return remainder if remainder.startswith("/") else "/" + remainder
+
+
 def classify(raw_target: str) -> Target:
     if raw_target.startswith(_TOKEN_PREFIX):  # what nearly every request is
         return Target(Route.TOKEN, TOKEN_PATH, "", raw_target[len(_TOKEN_PREFIX) :])
+    origin = _origin_form(raw_target)
+    if origin is None:
+        return Target(Route.INVALID, "", "", "")
+    raw_target = origin
     raw_path, _, query = raw_target.partition("?")
     try:
         decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path

@@ -49,6 +49,24 @@ def test_other_routes() -> None:
     assert classify("/%ff%fe").route is Route.INVALID
 
 
+def test_absolute_form_loses_its_authority_and_other_forms_are_invalid() -> None:
+    t = classify("http://169.254.169.254/metadata/identity/oauth2/token?resource=x")
+    assert t.route is Route.TOKEN and t.query == "resource=x"
+    assert classify("HTTP://evil.example/metadata/identity/issuecredential").route is (
+        Route.IDENTITY_OTHER
+    )
+    t = classify("http://169.254.169.254?api-version=1")
+    assert t.route is Route.PROXY and t.proxy_target == "/?api-version=1"
+    for raw in ("*", "169.254.169.254:80", "ftp://x/metadata/instance", "metadata/instance"):
+        assert classify(raw).route is Route.INVALID, raw
+
+
+def test_proxy_targets_are_always_origin_form() -> None:
+    for raw in ("/x", "//x//y", "http://h//a", "https://h?q"):
+        target = classify(raw)
+        assert target.route is Route.PROXY and target.proxy_target.startswith("/"), raw
+
+
 def test_query_ok_unencoded_and_encoded() -> None:
     q = parse_token_query("api-version=2018-02-01&resource=https://management.azure.com")
     assert q.resource == "https://management.azure.com"
