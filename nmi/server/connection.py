@@ -57,7 +57,7 @@ class ListenerState(Protocol):
     handler: RequestHandler
     closing: bool
 
-    def opened(self, connection: HttpConnection) -> None: ...
+    def opened(self, connection: HttpConnection) -> bool: ...
 
     def closed(self, connection: HttpConnection) -> None: ...
 
@@ -72,7 +72,13 @@ class _Refuse(Exception):
 
 
 def error_reply(status: int, description: str) -> Reply:
-    code = "invalid_request" if 400 <= status < 500 else "server_error"
+    code = (
+        "too_many_requests"
+        if status == 429
+        else "invalid_request"
+        if 400 <= status < 500
+        else "server_error"
+    )
     body = json.dumps({"error": code, "error_description": description}, separators=(",", ":"))
     return Reply(status, body.encode(), close=True)
 
@@ -97,6 +103,7 @@ class HttpConnection(asyncio.Protocol):
         "last_activity",
         "lingering_until",
         "listener",
+        "over_limit",
         "parser",
         "peer_ip",
         "request_started",
@@ -115,6 +122,7 @@ class HttpConnection(asyncio.Protocol):
         self.request_started = 0.0
         self.write_paused_at = 0.0
         self.lingering_until = 0.0
+        self.over_limit = False
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
         self._body: bytearray | None = None
@@ -138,7 +146,7 @@ class HttpConnection(asyncio.Protocol):
         if peer:
             ip = str(peer[0])
             self.peer_ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-        self.listener.opened(self)
+        self.over_limit = not self.listener.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.closed(self)
@@ -256,6 +264,9 @@ class HttpConnection(asyncio.Protocol):
     # -- answering -----------------------------------------------------------
 
     def _serve(self, request: Request) -> None:
+        if self.over_limit:
+            self._fail(429, "Too many connections from this address", retry_after=1)
+            return
         keep_alive = request.keep_alive and not self.listener.closing
         if not keep_alive:
             self._closing = True  # nothing after this request is read
@@ -313,12 +324,14 @@ class HttpConnection(asyncio.Protocol):
             self._paused_reading = True
             self.transport.pause_reading()
 
-    def _fail(self, status: int, description: str) -> None:
+    def _fail(self, status: int, description: str, *, retry_after: int | None = None) -> None:
         """The request stream is broken: answer (after earlier replies), then close."""
         if self._closing:
             return  # bytes after the connection's last request: never read, never answered
         self.handler.protocol_error(self.peer_ip, status, description)
         reply = error_reply(status, description)
+        if retry_after is not None:
+            reply.headers.append(("Retry-After", str(retry_after)))
         self._closing = True
         self._in_request = False
         self._pause_reading()

@@ -7,7 +7,10 @@ timers — idle keep-alive, a request that never completes, a client that
 stops reading — are checked by one sweep a second instead of being armed and
 cancelled around each request.  ``stop`` stops accepting, lets each
 connection finish the reply in progress (with ``Connection: close``), closes
-idle ones at once, and aborts what is left after the grace period.
+idle ones at once, and aborts what is left after the grace period.  One
+address (one pod) may hold at most ``MAX_CONNECTIONS_PER_IP`` connections:
+beyond that, each new one is answered 429 and closed, so a leaking or hostile
+pod cannot use up the daemon's file descriptors.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 
 from .connection import HttpConnection, RequestHandler
 
+MAX_CONNECTIONS_PER_IP = 256  # one pod cannot hold the daemon's file descriptors
 KEEPALIVE_TIMEOUT = 75.0  # as aiohttp, nginx (75 s) and Go's net/http default idle timeout
 REQUEST_TIMEOUT = 15.0  # from the first byte of a request to its last
 WRITE_TIMEOUT = 30.0  # a client that reads none of its replies for this long
@@ -32,8 +36,11 @@ class Listener:
         request_timeout: float = REQUEST_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
         sweep_interval: float = 1.0,
+        max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
     ) -> None:
         self.handler = handler
+        self.max_connections_per_ip = max_connections_per_ip
+        self._per_ip: dict[str, int] = {}
         self.closing = False
         self.connections: set[HttpConnection] = set()
         self.keepalive_timeout = keepalive_timeout
@@ -61,12 +68,22 @@ class Listener:
             self._sweeper = asyncio.create_task(self._sweep(), name="listener-sweep")
         return int(server.sockets[0].getsockname()[1])
 
-    def opened(self, connection: HttpConnection) -> None:
+    def opened(self, connection: HttpConnection) -> bool:
+        """Register a connection; False when its address already has too many."""
         self.connections.add(connection)
         self._all_closed.clear()
+        count = self._per_ip.get(connection.peer_ip, 0) + 1
+        self._per_ip[connection.peer_ip] = count
+        return count <= self.max_connections_per_ip
 
     def closed(self, connection: HttpConnection) -> None:
-        self.connections.discard(connection)
+        if connection in self.connections:
+            self.connections.discard(connection)
+            count = self._per_ip.get(connection.peer_ip, 1) - 1
+            if count > 0:
+                self._per_ip[connection.peer_ip] = count
+            else:
+                self._per_ip.pop(connection.peer_ip, None)
         if not self.connections:
             self._all_closed.set()
 

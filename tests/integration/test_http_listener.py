@@ -273,3 +273,36 @@ async def test_a_header_that_never_ends_is_refused(served) -> None:  # type: ign
     status, headers, _ = await read_reply(reader)
     assert status == 431 and headers["connection"] == "close"
     writer.close()
+
+
+async def test_one_address_cannot_hold_too_many_connections() -> None:
+    handler = FakeHandler()
+    listener = Listener(handler, max_connections_per_ip=2)
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        held = [await connect(port) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(get("/fast"))
+            assert (await read_reply(reader))[0] == 200
+        reader, writer = await connect(port)
+        writer.write(get("/fast"))
+        status, headers, body = await read_reply(reader)
+        assert status == 429 and headers["retry-after"] == "1"
+        assert json.loads(body)["error"] == "too_many_requests"
+        assert handler.errors == [429]
+        writer.close()
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        await asyncio.wait_for(_until(lambda: len(listener.connections) <= 1), 5)
+        reader, writer = await connect(port)  # a slot is free again
+        writer.write(get("/fast"))
+        assert (await read_reply(reader))[0] == 200
+        writer.close()
+        held[1][1].close()
+    finally:
+        await listener.stop(1.0)
+
+
+async def _until(condition) -> None:  # type: ignore[no-untyped-def]
+    while not condition():  # noqa: ASYNC110 - the listener has no event for this count
+        await asyncio.sleep(0.01)
