@@ -138,7 +138,7 @@ async def main(requests: int, concurrency: int) -> None:
             print(
                 f"   {label}: {ok}/{concurrency} answered 200 in {elapsed * 1000:.0f} ms, "
                 f"upstream calls: {counter[(client_id, resource)]}, "
-                f"distinct tokens handed out: {len({r.token for r in replies})}"
+                f"distinct tokens handed out: {len({r.token for r in replies if r.status == 200})}"
             )
         await wake_up(world)
 

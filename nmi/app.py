@@ -35,7 +35,7 @@ from .observability.looplag import LoopLag
 from .observability.metrics import Metrics, MetricsServer, counter, gauge
 from .observability.probes import Probes
 from .server.handler import ImdsHandler
-from .server.listener import Listener
+from .server.listener import Listener, per_address_limit, raise_open_file_limit
 from .server.proxy import MetadataProxy
 from .tokens.cache import TokenCache
 from .tokens.service import TokenService
@@ -130,7 +130,9 @@ class Daemon:
                 }
             },
         )
-        self.listener = Listener(self.handler)
+        self.listener = Listener(
+            self.handler, max_connections_per_ip=per_address_limit(raise_open_file_limit())
+        )
         self.port = await self.listener.listen(s.listen_address, s.port)
         self.listening = True
         if s.manage_iptables:

@@ -17,14 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 
 from .connection import HttpConnection, RequestHandler
 
-MAX_CONNECTIONS_PER_IP = 256  # one pod cannot hold the daemon's file descriptors
+MAX_CONNECTIONS_PER_IP = 4096  # one pod cannot hold all of the daemon's file descriptors
 KEEPALIVE_TIMEOUT = 75.0  # as aiohttp, nginx (75 s) and Go's net/http default idle timeout
 REQUEST_TIMEOUT = 15.0  # from the first byte of a request to its last
 WRITE_TIMEOUT = 30.0  # a client that reads none of its replies for this long
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (as Go's runtime does for
+    every server) and return it: each connection is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def per_address_limit(open_files: int) -> int:
+    """Connections one address may hold: a quarter of the descriptors, at most 4,096."""
+    return max(64, min(MAX_CONNECTIONS_PER_IP, open_files // 4))
 
 
 class Listener:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from nmi.server.connection import MAX_BODY, MAX_HEADERS
-from nmi.server.listener import Listener
+from nmi.server.listener import Listener, per_address_limit, raise_open_file_limit
 from nmi.server.messages import Reply, Request, encode
 
 
@@ -306,3 +306,10 @@ async def test_one_address_cannot_hold_too_many_connections() -> None:
 async def _until(condition) -> None:  # type: ignore[no-untyped-def]
     while not condition():  # noqa: ASYNC110 - the listener has no event for this count
         await asyncio.sleep(0.01)
+
+
+def test_per_address_limit_follows_the_open_file_limit() -> None:
+    assert per_address_limit(1024) == 256  # a quarter of the descriptors
+    assert per_address_limit(1 << 20) == 4096
+    assert per_address_limit(100) == 64
+    assert raise_open_file_limit() >= 64
