@@ -67,8 +67,7 @@ class _LazyPackage(types.ModuleType):
         return sorted(set(super().__dir__()) | set(self._lazy_names))
 
 
-def _bindings(init: Path) -> dict[str, tuple[str, str | None]]:
-    text = init.read_text(encoding="utf-8")
+def _bindings(text: str) -> dict[str, tuple[str, str | None]]:
     names: dict[str, tuple[str, str | None]] = {}
     for module, member in _FROM_IMPORT.findall(text):
         if module != "__future__":
@@ -76,11 +75,6 @@ def _bindings(init: Path) -> dict[str, tuple[str, str | None]]:
     for module, alias in _IMPORT_AS.findall(text):
         names[alias] = (module, None)
     return names
-
-
-def _version(init: Path) -> str | None:
-    found = re.search(r'^__version__\s*=\s*"([^"]+)"', init.read_text(encoding="utf-8"), re.M)
-    return found.group(1) if found else None
 
 
 def load() -> tuple[Any, Any]:
@@ -109,20 +103,20 @@ def _lean() -> tuple[Any, Any]:
     packages: list[_LazyPackage] = []
     for name in LAZY_PACKAGES:
         path = base.joinpath(*name.split(".")[1:])
-        init = path / "__init__.py"
-        package = _LazyPackage(name, path, _bindings(init))
-        version = _version(init)
+        text = (path / "__init__.py").read_text(encoding="utf-8")
+        package = _LazyPackage(name, path, _bindings(text))
+        version = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.MULTILINE)
         if version is not None:
-            package.__version__ = version  # type: ignore[attr-defined]
+            package.__version__ = version.group(1)  # type: ignore[attr-defined]
         packages.append(package)
     for package in packages:
         sys.modules[package.__name__] = package
     for parent, child in itertools.pairwise(packages):
         setattr(parent, child.__name__.rsplit(".", 1)[1], child)
     client = packages[1]
-    # What nmi uses, imported now so that a broken layout falls back at once.
-    if client.ApiClient is None or client.Configuration is None:
-        raise ImportError("ApiClient")
+    # What nmi uses, imported now (AttributeError otherwise) so that a broken layout
+    # falls back at once.
+    _ = client.ApiClient, client.Configuration
     config = importlib.import_module(f"{ROOT}.config")
     packages[0].config = config  # type: ignore[attr-defined]
     return client, config

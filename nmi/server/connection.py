@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from . import replies
 from .messages import Reply, Request, encode
 
 if TYPE_CHECKING:
@@ -69,18 +69,6 @@ class _Refuse(Exception):
         super().__init__(description)
         self.status = status
         self.description = description
-
-
-def error_reply(status: int, description: str) -> Reply:
-    code = (
-        "too_many_requests"
-        if status == 429
-        else "invalid_request"
-        if 400 <= status < 500
-        else "server_error"
-    )
-    body = json.dumps({"error": code, "error_description": description}, separators=(",", ":"))
-    return Reply(status, body.encode(), close=True)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -265,7 +253,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _serve(self, request: Request) -> None:
         if self.over_limit:
-            self._fail(429, "Too many connections from this address", retry_after=1)
+            self._fail(429, "Too many connections from this address")
             return
         keep_alive = request.keep_alive and not self.listener.closing
         if not keep_alive:
@@ -284,7 +272,7 @@ class HttpConnection(asyncio.Protocol):
             reply = await self.handler(request)
         except Exception:  # the handler answers every error itself; this is a last resort
             log.exception("unexpected error answering a request")
-            reply = error_reply(500, "Internal error in the node managed identity service")
+            reply = replies.internal_error()
         self.last_activity = self._loop.time()
         transport = self.transport
         if transport is None:
@@ -324,14 +312,14 @@ class HttpConnection(asyncio.Protocol):
             self._paused_reading = True
             self.transport.pause_reading()
 
-    def _fail(self, status: int, description: str, *, retry_after: int | None = None) -> None:
+    def _fail(self, status: int, description: str) -> None:
         """The request stream is broken: answer (after earlier replies), then close."""
         if self._closing:
             return  # bytes after the connection's last request: never read, never answered
         self.handler.protocol_error(self.peer_ip, status, description)
-        reply = error_reply(status, description)
-        if retry_after is not None:
-            reply.headers.append(("Retry-After", str(retry_after)))
+        code = {429: "too_many_requests", 500: "server_error"}.get(status, "invalid_request")
+        reply = replies.error(status, code, description)  # 429: with Retry-After
+        reply.close = True
         self._closing = True
         self._in_request = False
         self._pause_reading()

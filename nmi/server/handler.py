@@ -142,14 +142,13 @@ class ImdsHandler:
         if hit is None:
             return None
         token, client_id, label = hit
-        second, date = CLOCK.now()
+        second, _ = CLOCK.now()
         data = self.bodies.response(
             access_token=token.access_token,
             client_id=client_id,
             expires_on=token.expires_on,
             not_before=token.not_before,
             now=second,
-            date=date,
             resource=query.resource,
             token_type=token.token_type,
         )

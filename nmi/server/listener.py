@@ -118,14 +118,11 @@ class Listener:
                     write_timeout=self.write_timeout,
                 )
 
-    def stop_accepting(self) -> None:
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; finish replies in progress for up to ``grace`` seconds."""
         self.closing = True
         for server in self._servers:
             server.close()
-
-    async def stop(self, grace: float) -> None:
-        """Stop accepting; finish replies in progress for up to ``grace`` seconds."""
-        self.stop_accepting()
         for connection in list(self.connections):
             connection.shutdown()
         with contextlib.suppress(TimeoutError):

@@ -67,9 +67,6 @@ class Request:
                 return value
         return default
 
-    def header_values(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
-
 
 @dataclass(slots=True)
 class Reply:
@@ -80,13 +77,6 @@ class Reply:
     content_type: str | None = JSON
     headers: list[tuple[str, str]] = field(default_factory=list)
     close: bool = False  # end the connection after this reply
-
-    def header(self, name: str, default: str = "") -> str:
-        lowered = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return default
 
 
 def _clean(text: str) -> bytes:
@@ -114,14 +104,3 @@ def encode(reply: Reply, *, close: bool, head_only: bool = False) -> bytes:
     if not head_only:
         parts.append(reply.body)
     return b"".join(parts)
-
-
-def json_ok_head(date: bytes, length: int) -> bytes:
-    """The head of a 200 JSON reply on a kept-alive connection (the cache-hit path)."""
-    return (
-        b"HTTP/1.1 200 OK\r\nDate: "
-        + date
-        + b"\r\nServer: nmi\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: "
-        + str(length).encode()
-        + b"\r\n\r\n"
-    )

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .messages import Reply, json_ok_head
+from .messages import Reply, encode
 
 IDENTITY_NOT_FOUND = "Identity not found"
 MULTIPLE_IDENTITIES = (
@@ -145,7 +145,6 @@ class TokenBodies:
         expires_on: int,
         not_before: int,
         now: int,
-        date: bytes,
         resource: str,
         token_type: str,
     ) -> bytes:
@@ -168,7 +167,7 @@ class TokenBodies:
             resource=resource,
             token_type=token_type,
         )
-        data = json_ok_head(date, len(body)) + body
+        data = encode(Reply(200, body), close=False)
         if len(self._whole) >= self._max:
             self._whole.clear()
         self._whole[key] = (now, data)
