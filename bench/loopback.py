@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 CLIENT = Path(__file__).with_name("http_client.py")
 RESOURCE = "https://management.azure.com"

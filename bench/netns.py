@@ -3,7 +3,7 @@
 Every request leaves a pod's network namespace for ``169.254.169.254:80`` and
 is DNATed by the node's iptables, exactly as on a node; the load generator is
 ``wrk -t1`` run with ``ip netns exec <pod>``.  Everything happens inside the
-namespaces :class:`~nmi.testing.nodeworld.NodeWorld` creates (no uplink) and
+namespaces :class:`~nmi_sandbox.nodeworld.NodeWorld` creates (no uplink) and
 removes again; no traffic goes to any host address.  Every wrk run has a
 duration, every client a deadline: the script stops by itself.
 
@@ -67,9 +67,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from iptables import RuleManager, RuleSpec
-from nmi.testing import manifests as m
-from nmi.testing.nodeworld import METADATA_IP, NODE_IP, NodeWorld, PodHandle
-from nmi.testing.world import Identity
+from nmi_sandbox import manifests as m
+from nmi_sandbox.nodeworld import METADATA_IP, NODE_IP, NodeWorld, PodHandle
+from nmi_sandbox.world import Identity
 
 from .measure import ProcessGroupStats, WrkReport, children, parse_wrk, percentile
 

@@ -23,20 +23,20 @@ from prometheus_client.core import Metric
 from .config import OperationMode, Settings
 from .explain import AdminServer, LastErrors
 from .identity.resolver import Resolver
-from .interception import netfacts
-from .interception.guard import Interception, StartupRefused, make_manager, rule_spec
+from .imds.handler import ImdsHandler
+from .imds.listener import Listener, per_address_limit, raise_open_file_limit
+from .imds.proxy import MetadataProxy
 from .kube.client import KubeApi
 from .kube.cluster import ClusterWatch
 from .kube.index import ClusterIndex
 from .kube.informer import RawApi
 from .kube.secrets import SecretStore
-from .observability.events import EventRecorder
-from .observability.looplag import LoopLag
-from .observability.metrics import Metrics, MetricsServer, counter, gauge
-from .observability.probes import Probes
-from .server.handler import ImdsHandler
-from .server.listener import Listener, per_address_limit, raise_open_file_limit
-from .server.proxy import MetadataProxy
+from .node import netfacts
+from .node.guard import Interception, StartupRefused, make_manager, rule_spec
+from .ops.events import EventRecorder
+from .ops.looplag import LoopLag
+from .ops.metrics import Metrics, MetricsServer, counter, gauge
+from .ops.probes import Probes
 from .tokens.cache import TokenCache
 from .tokens.service import TokenService
 from .tokens.upstream import Upstream
@@ -164,7 +164,7 @@ class Daemon:
         )
 
     async def _intercept(self) -> None:
-        """Install (or adopt) the node's rules and prove the path; see nmi.interception."""
+        """Install (or adopt) the node's rules and prove the path; see nmi.node."""
         s = self.settings
         assert self.listener is not None
         listen = ipaddress.ip_address(s.listen_address)

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, LogFormat, OperationMode, Settings
-from .observability import logs
+from .ops import logs
 
 log = logging.getLogger("nmi")
 
@@ -289,18 +289,31 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
     return int(uvloop.run(coro))
 
 
+def _sandbox(argv: Sequence[str]) -> int:
+    """``nmi sandbox`` lives in ``nmi_sandbox``, which only a source checkout has: the
+    emulators it runs are never part of the distribution nor of the image."""
+    try:
+        from nmi_sandbox.sandbox import main as sandbox_main
+    except ImportError:
+        print(
+            "nmi sandbox: the emulated world is not installed here (the image carries only "
+            "nmi itself); run ./dev sandbox in a checkout of the nmi repository",
+            file=sys.stderr,
+        )
+        return 2
+    return sandbox_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "sandbox":
-        from .sandbox import main as sandbox_main
-
-        return sandbox_main(args_list[1:])
+        return _sandbox(args_list[1:])
     if args_list and args_list[0] == "explain":
         from .explain import main as explain_main
 
         return explain_main(args_list[1:])
     if args_list and args_list[0] == "uninstall":
-        from .uninstall import main as uninstall_main
+        from .node.uninstall import main as uninstall_main
 
         return uninstall_main(args_list[1:])
     parser = build_parser()

@@ -65,6 +65,9 @@ from .identity.decide import (
     usable_assignments,
 )
 from .identity.resolver import CallerProblem, Resolver
+from .imds import replies
+from .imds.messages import Reply
+from .imds.target import QueryError, parse_token_query
 from .kube.cluster import ClusterWatch
 from .kube.index import ClusterIndex
 from .kube.informer import ApiError, Informer, RawApi
@@ -75,10 +78,7 @@ from .kube.objects import (
     AzureIdentityBinding,
     Pod,
 )
-from .observability.logs import redact_id as redact
-from .server import replies
-from .server.messages import Reply
-from .server.target import QueryError, parse_token_query
+from .ops.logs import redact_id as redact
 from .tokens.cache import SERVE_FLOOR, TokenCache
 from .tokens.service import TokenService, identity_key
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..config import OperationMode, Settings
 from ..kube.index import ClusterIndex
 from ..kube.objects import AssignedState, AzureAssignedIdentity, AzureIdentity, Pod
-from ..observability.logs import redact_id as redact
+from ..ops.logs import redact_id as redact
 
 
 @dataclass(frozen=True, slots=True)

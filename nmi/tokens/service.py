@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Hashable
 from ..config import Settings
 from ..kube.objects import AzureIdentity, IdentityType, Secret
 from ..kube.secrets import SecretStore
-from ..observability.metrics import Metrics
+from ..ops.metrics import Metrics
 from .cache import TokenCache
 from .credentials import (
     CredentialError,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nmi.testing.netns import cleanup_stale
+from nmi_sandbox.netns import cleanup_stale
 
 CAN_RUN = os.geteuid() == 0 and shutil.which("ip") is not None
 

@@ -48,8 +48,8 @@ SETUP = [
 
 PROBE = """
 import json, socket
-from nmi.interception.netlink import RtNetlink
-from nmi.interception import netfacts
+from nmi.node.netlink import RtNetlink
+from nmi.node import netfacts
 with RtNetlink() as nl:
     out = {
         "links": [[l.index, l.name, l.kind] for l in nl.links()],
@@ -134,7 +134,6 @@ def test_netlink_answers_what_iproute2_answers(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "link", "del", "cbr0"], check=True)
     style = run_in(
         netns,
-        "from nmi.interception import netfacts;"
-        "print(netfacts.pod_attachment(['10.240.7.9']).style)",
+        "from nmi.node import netfacts;print(netfacts.pod_attachment(['10.240.7.9']).style)",
     )
     assert style.strip() == "per-pod"  # a host route to its own interface, no bridge

@@ -1,4 +1,4 @@
-"""The namespace-built node (nmi.testing.netns): topology, reachability, isolation, cleanup."""
+"""The namespace-built node (nmi_sandbox.netns): topology, reachability, isolation, cleanup."""
 
 import asyncio
 import errno
@@ -18,7 +18,7 @@ from typing import Literal
 
 import pytest
 
-from nmi.testing.netns import PREFIX, NodeNetns, cleanup_stale
+from nmi_sandbox.netns import PREFIX, NodeNetns, cleanup_stale
 
 pytestmark = [
     pytest.mark.e2e,

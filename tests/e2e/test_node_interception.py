@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from iptables import RuleManager, RuleSpec
-from nmi.testing.nodeworld import METADATA_IP, NODE_IP, NodeWorld
+from nmi_sandbox.nodeworld import METADATA_IP, NODE_IP, NodeWorld
 
 pytestmark = [
     pytest.mark.e2e,
@@ -238,7 +238,7 @@ async def test_node_facts_from_netlink(node: NodeWorld) -> None:
     node.add_pod("a")
     node.add_pod("b")
     script = (
-        "from nmi.interception.netfacts import node_address, pod_attachment;"
+        "from nmi.node.netfacts import node_address, pod_attachment;"
         "print(node_address(configured='', metadata_ip='169.254.169.254'));"
         "print(pod_attachment(['10.244.0.2', '10.244.0.3']).style)"
     )

@@ -29,9 +29,9 @@ import pytest
 import requests
 from yarl import URL
 
-from nmi.testing.aad import CLIENT_ASSERTION_TYPE_JWT, AzureAdServer, TokenSigner
-from nmi.testing.imds import ImdsServer
-from nmi.testing.tls import CertificateAuthority, ClientCertificate, make_client_certificate
+from nmi_sandbox.aad import CLIENT_ASSERTION_TYPE_JWT, AzureAdServer, TokenSigner
+from nmi_sandbox.imds import ImdsServer
+from nmi_sandbox.tls import CertificateAuthority, ClientCertificate, make_client_certificate
 
 TENANT = "0b1c2d3e-4f50-4a61-8b72-93a4b5c6d7e8"
 OTHER_TENANT = "9e8d7c6b-5a49-4837-a625-14f3e2d1c0b9"

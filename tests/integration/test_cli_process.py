@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 ARM = "https://management.azure.com"
 

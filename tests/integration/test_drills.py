@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 VAULT = "https://vault.azure.net"
 ARM = "https://management.azure.com"

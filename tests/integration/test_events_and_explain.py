@@ -25,13 +25,13 @@ import pytest
 
 from nmi.explain import AdminServer, LastErrors, error_key, query_admin, run
 from nmi.identity.decide import Deny, IdentitySelector
+from nmi.imds.replies import IDENTITY_NOT_FOUND, MULTIPLE_IDENTITIES
 from nmi.kube.client import KubeApi
 from nmi.kube.objects import Pod
-from nmi.observability import events as ev
-from nmi.observability.events import EventRecorder
-from nmi.server.replies import IDENTITY_NOT_FOUND, MULTIPLE_IDENTITIES
-from nmi.testing import manifests as m
-from nmi.testing.world import Identity, LoopbackWorld
+from nmi.ops import events as ev
+from nmi.ops.events import EventRecorder
+from nmi_sandbox import manifests as m
+from nmi_sandbox.world import Identity, LoopbackWorld
 
 ARM = "https://management.azure.com"
 

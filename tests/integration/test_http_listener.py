@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from nmi.server.connection import MAX_BODY, MAX_HEADERS
-from nmi.server.listener import Listener, per_address_limit, raise_open_file_limit
-from nmi.server.messages import Reply, Request, encode
+from nmi.imds.connection import MAX_BODY, MAX_HEADERS
+from nmi.imds.listener import Listener, per_address_limit, raise_open_file_limit
+from nmi.imds.messages import Reply, Request, encode
 
 
 class FakeHandler:

@@ -16,8 +16,8 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from nmi.testing.kube_api import KubeApiError, KubeApiServer
-from nmi.testing.tls import CertificateAuthority
+from nmi_sandbox.kube_api import KubeApiError, KubeApiServer
+from nmi_sandbox.tls import CertificateAuthority
 
 AAD = "aadpodidentity.k8s.io"
 

@@ -3,7 +3,7 @@
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 
 async def scrape(world: LoopbackWorld) -> dict[str, list[tuple[dict[str, str], float]]]:

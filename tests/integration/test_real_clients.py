@@ -10,7 +10,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 CLIENT = Path(__file__).parent / "clients" / "get_token.py"
 

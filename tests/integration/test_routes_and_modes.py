@@ -8,7 +8,7 @@ import aiohttp
 import jwt
 
 from nmi.config import OperationMode
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 
 def appid(token: str) -> str:

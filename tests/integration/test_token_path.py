@@ -6,7 +6,7 @@ from datetime import datetime
 
 import jwt
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 ARM = "https://management.azure.com"
 VAULT = "https://vault.azure.net"

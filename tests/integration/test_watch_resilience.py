@@ -2,7 +2,7 @@
 
 import asyncio
 
-from nmi.testing.world import LoopbackWorld
+from nmi_sandbox.world import LoopbackWorld
 
 
 async def test_api_server_restart_with_compaction_while_serving(running: LoopbackWorld) -> None:

@@ -10,8 +10,8 @@ import logging
 import pytest
 
 from nmi.config import LogFormat
-from nmi.observability.accesslog import FLUSH_LINES, AccessLog
-from nmi.observability.metrics import LATENCY_BUCKETS, RequestStats
+from nmi.ops.accesslog import FLUSH_LINES, AccessLog
+from nmi.ops.metrics import LATENCY_BUCKETS, RequestStats
 
 FIXED = {
     "route": "token",

@@ -4,14 +4,14 @@ import pytest
 
 from nmi.config import Settings
 from nmi.kube.objects import AzureIdentity, Secret
-from nmi.testing import manifests as m
-from nmi.testing.tls import make_client_certificate
 from nmi.tokens.credentials import (
     CredentialError,
     authority_for,
     client_certificate_from,
     client_secret_from,
 )
+from nmi_sandbox import manifests as m
+from nmi_sandbox.tls import make_client_certificate
 
 
 def secret(**data: bytes) -> Secret:

@@ -14,7 +14,7 @@ from nmi.kube.objects import (
     AzurePodIdentityException,
     Pod,
 )
-from nmi.testing import manifests as m
+from nmi_sandbox import manifests as m
 
 NODE = "node-1"
 CID_A = "aaaaaaaa-0000-0000-0000-000000000001"

@@ -10,9 +10,9 @@ import pytest
 
 from nmi.identity.decide import Deny, IdentitySelector, Wait
 from nmi.kube.objects import AzureIdentity, Pod
-from nmi.observability import events as ev
-from nmi.observability.events import EventRecorder
-from nmi.testing import manifests as m
+from nmi.ops import events as ev
+from nmi.ops.events import EventRecorder
+from nmi_sandbox import manifests as m
 
 NODE = "node-1"
 CLIENT_ID = "aaaaaaaa-1111-2222-3333-444444444444"

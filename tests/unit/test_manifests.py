@@ -36,8 +36,8 @@ import yaml
 
 from nmi.cli import build_parser
 from nmi.kube import objects
-from nmi.testing import manifests as world
 from nmi.tokens.credentials import CredentialError, client_certificate_from, client_secret_from
+from nmi_sandbox import manifests as world
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "daemonset"
@@ -627,7 +627,7 @@ ACCEPTED: dict[str, Obj] = {
     "assigned-embedding-a-quoted-type": _mic_assigned(_identity(type="1")),
     "assigned-without-binding-ref": _drop(_mic_assigned(), "spec.azureBindingRef"),
     "assigned-without-status": _drop(_mic_assigned(), "status"),
-    # The project's own fixture builders (nmi.testing.manifests), as the tests' world uses them.
+    # The project's own fixture builders (nmi_sandbox.manifests), as the tests' world uses them.
     "world-identity": world.azure_identity(name="a", client_id=SUB, resource_id=RESOURCE_ID),
     "world-identity-legacy": world.azure_identity(
         name="a", type=1, client_id=SUB, tenant_id=SUB, secret_name="s", legacy_keys=True

@@ -9,7 +9,7 @@ from nmi.kube.objects import (
     Secret,
     field_ci,
 )
-from nmi.testing import manifests as m
+from nmi_sandbox import manifests as m
 
 
 def test_field_ci_prefers_exact_match() -> None:

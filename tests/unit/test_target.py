@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nmi.server.target import QueryError, Route, classify, parse_token_query
+from nmi.imds.target import QueryError, Route, classify, parse_token_query
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,9 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..app import Daemon
-from ..config import OperationMode, Settings
+from nmi.app import Daemon
+from nmi.config import OperationMode, Settings
+
 from . import manifests as m
 from .aad import AzureAdServer
 from .imds import ImdsServer

@@ -38,9 +38,9 @@ from ..identity.decide import (
 from ..identity.resolver import CallerProblem, Resolver
 from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
-from ..observability import events as kube_events
-from ..observability.accesslog import AccessLog
-from ..observability.metrics import Metrics
+from ..ops import events as kube_events
+from ..ops.accesslog import AccessLog
+from ..ops.metrics import Metrics
 from ..ratelimit import Buckets
 from ..tokens.cache import UpstreamNotAllowed
 from ..tokens.credentials import CredentialError

@@ -5,7 +5,7 @@ types 1 and 2) with ``msal.ConfidentialClientApplication``.  Entra ID cannot
 be reached from this machine, and a mock of MSAL would test nothing but the
 mock.  So the daemon keeps its production code path and this module stands in
 for the other end of the wire: an HTTPS server (certificate from
-:class:`nmi.testing.tls.CertificateAuthority`) that answers the requests MSAL
+:class:`nmi_sandbox.tls.CertificateAuthority`) that answers the requests MSAL
 really sends, in the shape Entra ID really answers them:
 
 * ``GET /common/discovery/instance`` - instance discovery (``api-version`` 1.1
@@ -63,7 +63,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nmi.testing.tls import CertificateAuthority, make_client_certificate
+from nmi_sandbox.tls import CertificateAuthority, make_client_certificate
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE_JWT",
@@ -73,7 +73,7 @@ __all__ = [
     "resource_key",
 ]
 
-logger = logging.getLogger("nmi.testing.aad")
+logger = logging.getLogger("nmi_sandbox.aad")
 
 CLIENT_ASSERTION_TYPE_JWT: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 

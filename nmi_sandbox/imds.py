@@ -56,7 +56,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from nmi.testing.aad import DEFAULT_RESOURCES, TokenSigner, resource_key
+from nmi_sandbox.aad import DEFAULT_RESOURCES, TokenSigner, resource_key
 
 __all__ = [
     "DEFAULT_TENANT_ID",
@@ -65,7 +65,7 @@ __all__ = [
     "RecordedRequest",
 ]
 
-logger = logging.getLogger("nmi.testing.imds")
+logger = logging.getLogger("nmi_sandbox.imds")
 
 DEFAULT_TENANT_ID: Final = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 SERVER_HEADER: Final = "IMDS/150.870.65.1325"

@@ -2,7 +2,7 @@
 
 Why it exists: on a node, iptables DNAT sends the pods' traffic for
 ``169.254.169.254:80`` to nmi, and nmi tells the pods apart by the *source IP*
-of that traffic.  The loopback world (:mod:`nmi.testing.world`) imitates this
+of that traffic.  The loopback world (:mod:`nmi_sandbox.world`) imitates this
 with 127.0.0.x addresses; the end-to-end tests need the real path - a pod's
 packet leaving its own network namespace through a veth, arriving in the
 node's namespace, going through the node's netfilter and routing - without

@@ -29,10 +29,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import LogFormat
-from .observability import logs
-from .observability.logs import redact_id
-from .testing.world import LoopbackWorld, Reply
+from nmi.config import LogFormat
+from nmi.ops import logs
+from nmi.ops.logs import redact_id
+
+from .world import LoopbackWorld, Reply
 
 RESOURCE = "https://management.azure.com"
 
@@ -136,8 +137,8 @@ async def demo(*, once: bool, port: int) -> int:
 
 
 async def node_demo(*, once: bool) -> int:
-    from .testing.netns import cleanup_stale
-    from .testing.nodeworld import NodeWorld
+    from .netns import cleanup_stale
+    from .nodeworld import NodeWorld
 
     stale = cleanup_stale()
     if stale:
@@ -219,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
     logs.setup(fmt=LogFormat.TEXT, verbosity=0)
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
-    from .cli import run_loop
+    from nmi.cli import run_loop
 
     real = not args.loopback
     if real and (os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables")):

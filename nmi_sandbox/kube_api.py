@@ -70,11 +70,11 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from nmi.testing.tls import CertificateAuthority
+from nmi_sandbox.tls import CertificateAuthority
 
 __all__ = ["KubeApiError", "KubeApiServer"]
 
-logger = logging.getLogger("nmi.testing.kube_api")
+logger = logging.getLogger("nmi_sandbox.kube_api")
 
 JSON = dict[str, Any]
 
