@@ -16,16 +16,21 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 
 from prometheus_client.core import Metric
 
 from .config import OperationMode, Settings
-from .explain import AdminServer, LastErrors
-from .identity.resolver import Resolver
-from .imds.handler import ImdsHandler
+from .explain.admin import AdminServer
+from .identity.caller import Callers
+from .identity.decide import NODE_IDENTITY
+from .identity.wait import Resolver
+from .imds.bookkeeping import Bookkeeping
+from .imds.host_token import HostTokenRoute
 from .imds.listener import Listener, per_address_limit, raise_open_file_limit
 from .imds.proxy import MetadataProxy
+from .imds.routes import ImdsHandler
+from .imds.token_route import TokenRoute
 from .kube.client import KubeApi
 from .kube.cluster import ClusterWatch
 from .kube.index import ClusterIndex
@@ -34,10 +39,11 @@ from .kube.secrets import SecretStore
 from .node import netfacts
 from .node.guard import Interception, StartupRefused, make_manager, rule_spec
 from .ops.events import EventRecorder
+from .ops.last_errors import LastErrors
 from .ops.looplag import LoopLag
 from .ops.metrics import Metrics, MetricsServer, counter, gauge
 from .ops.probes import Probes
-from .tokens.cache import TokenCache
+from .tokens.cache import CacheKey, TokenCache
 from .tokens.service import TokenService
 from .tokens.upstream import Upstream
 
@@ -66,6 +72,9 @@ class Daemon:
             endpoint=settings.metadata_endpoint, timeout=settings.upstream_timeout
         )
         self.handler: ImdsHandler | None = None
+        self.books: Bookkeeping | None = None
+        self.callers: Callers | None = None
+        self.resolver: Resolver | None = None
         self.events: EventRecorder | None = None
         self.last_errors = LastErrors()
         self.admin: AdminServer | None = None
@@ -105,18 +114,29 @@ class Daemon:
             cache=self.cache,
             metrics=self.metrics,
         )
-        resolver = Resolver(index=self.index, settings=s, object_id_of=self.tokens.object_id_of)
         if s.kube_events and isinstance(api, KubeApi):
             self.events = EventRecorder(api=api, node_name=s.node_name)
             self._background.append(asyncio.create_task(self.events.run(), name="events"))
+        self.books = Bookkeeping(
+            settings=s, metrics=self.metrics, events=self.events, last_errors=self.last_errors
+        )
+        self.callers = Callers(index=self.index, settings=s)
+        self.resolver = Resolver(
+            index=self.index, settings=s, object_id_of=self.tokens.object_id_of
+        )
+        token_route = TokenRoute(
+            settings=s,
+            callers=self.callers,
+            resolver=self.resolver,
+            tokens=self.tokens,
+            books=self.books,
+        )
         self.handler = ImdsHandler(
             settings=s,
-            resolver=resolver,
-            tokens=self.tokens,
+            token=token_route,
+            host_token=HostTokenRoute(index=self.index, tokens=token_route),
             proxy=self.proxy,
-            metrics=self.metrics,
-            events=self.events,
-            last_errors=self.last_errors,
+            books=self.books,
         )
         await self.proxy.start()
         log.info("waiting for the first sync of the cluster view")
@@ -146,7 +166,7 @@ class Daemon:
             asyncio.create_task(self.secrets.run_janitor(), name="secret-janitor")
         )
         if s.admin_socket:
-            admin = AdminServer(daemon=self, path=s.admin_socket, last_errors=self.last_errors)
+            admin = AdminServer(daemon=self, path=s.admin_socket)
             try:
                 await admin.start()
                 self.admin = admin
@@ -269,11 +289,9 @@ class Daemon:
             [([], self.handler.in_flight if self.handler else 0)],
         )
 
-    def _token_in_use(self, key: Hashable) -> bool:
+    def _token_in_use(self, key: CacheKey) -> bool:
         """Does a pod of this node still have the identity this cached token belongs to?"""
-        if not isinstance(key, tuple) or not key:
-            return False
-        if key[0] == "node":
+        if key.owner == NODE_IDENTITY:
             return any(
                 exc.matches(pod)
                 for pod in self.index.pods()
@@ -281,8 +299,13 @@ class Daemon:
                 for exc in self.index.exceptions_in(pod.meta.namespace)
             )
         if self.settings.operation_mode is OperationMode.MANAGED:
-            return key[1] in self.index.bound_identity_keys()
-        return key[1] in self.index.assigned_identity_keys()
+            return key.owner in self.index.bound_identity_keys()
+        return key.owner in self.index.assigned_identity_keys()
+
+    @property
+    def synced(self) -> bool:
+        """Whether every watch completed its first sync (the admin endpoint reports it)."""
+        return self.watch is not None and self.watch.synced
 
     def _interception_check(self) -> str | None:
         if self.interception is None:
@@ -307,8 +330,8 @@ class Daemon:
         if self.listener is not None:
             # Stop accepting; replies in progress finish (Connection: close), up to the grace.
             await self.listener.stop(self.settings.shutdown_grace)
-        if self.handler is not None:
-            self.handler.access_log.flush()
+        if self.books is not None:
+            self.books.flush()
         if self.admin is not None:
             await self.admin.stop()
         if self.events is not None:

@@ -24,77 +24,30 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, LogFormat, OperationMode, Settings
+from .flags import (
+    bool_flag,
+    compat_flags,
+    compat_warnings,
+    go_style,
+    hosts,
+    non_negative_int,
+    port,
+    seconds,
+)
 from .ops import logs
 
 log = logging.getLogger("nmi")
 
-_TRUE = {"1", "t", "true", "yes", "y", "on"}
-_FALSE = {"0", "f", "false", "no", "n", "off"}
-
-
-def parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} out of range")
-    return port
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{number} must not be negative")
-    return number
-
-
-def _seconds(value: str) -> float:
-    text = value.strip().lower()
-    scale = 1.0
-    if text.endswith("ms"):
-        text, scale = text[:-2], 0.001
-    elif text.endswith("s"):
-        text = text[:-1]
-    try:
-        number = float(text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return number
-
-
-def _hosts(value: str) -> frozenset[str]:
-    hosts = frozenset(h.strip().lower() for h in value.split(",") if h.strip())
-    for host in hosts:
-        if "/" in host or " " in host:
-            raise argparse.ArgumentTypeError(f"{host!r} is not host[:port]")
-    return hosts
-
-
-def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
-    parser.add_argument(
-        name,
-        nargs="?",
-        const=True,
-        default=default,
-        type=parse_bool,
-        metavar="BOOL",
-        help=help_text,
-    )
+# aad-pod-identity NMI flags accepted for drop-in compatibility, without effect.
+COMPAT_FLAGS = {
+    "--MICNamespace": "nmi has no ReplicaSet-name bypass; exempt MIC with an "
+    "AzurePodIdentityException",
+    "--enableScaleFeatures": "nmi's watches are always scoped to its node",
+    "--enableProfile": "nmi exposes no profiling endpoint",
+    "--custom-user-agent": "nmi's upstream calls carry MSAL's own User-Agent",
+    "--logtostderr": "nmi always logs to stderr",
+    "--alsologtostderr": "nmi always logs to stderr",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--node", default=os.environ.get("NODE_NAME", ""), help="node name (env NODE_NAME)"
     )
     p.add_argument("--nmi-listen-address", default="127.0.0.1", help="address of the token server")
-    p.add_argument("--nmi-port", type=_port, default=2579, help="port of the token server")
+    p.add_argument("--nmi-port", type=port, default=2579, help="port of the token server")
     p.add_argument("--metadata-ip", default="169.254.169.254", help="instance metadata IP")
-    p.add_argument("--metadata-port", type=_port, default=80, help="instance metadata port")
+    p.add_argument("--metadata-port", type=port, default=80, help="instance metadata port")
     p.add_argument(
         "--operation-mode",
         default="standard",
@@ -120,44 +73,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["standard", "managed"],
         help="standard (AzureAssignedIdentity from MIC) or managed (bindings matched by nmi)",
     )
-    _bool_flag(p, "--forceNamespaced", False, "only identities and bindings of the pod's namespace")
+    bool_flag(p, "--forceNamespaced", False, "only identities and bindings of the pod's namespace")
     p.add_argument(
-        "--http-probe-port", type=_port, default=8085, help="port of /healthz and /readyz"
+        "--http-probe-port", type=port, default=8085, help="port of /healthz and /readyz"
     )
-    p.add_argument("--prometheus-port", type=_port, default=9090, help="port of /metrics")
-    _bool_flag(p, "--block-instance-metadata", False, "answer 403 for /metadata/instance")
-    _bool_flag(p, "--metadata-header-required", True, "require the header Metadata: true")
-    p.add_argument("--retry-attempts-for-created", type=_non_negative_int, default=16)
-    p.add_argument("--retry-attempts-for-assigned", type=_non_negative_int, default=4)
+    p.add_argument("--prometheus-port", type=port, default=9090, help="port of /metrics")
+    bool_flag(p, "--block-instance-metadata", False, "answer 403 for /metadata/instance")
+    bool_flag(p, "--metadata-header-required", True, "require the header Metadata: true")
+    p.add_argument("--retry-attempts-for-created", type=non_negative_int, default=16)
+    p.add_argument("--retry-attempts-for-assigned", type=non_negative_int, default=4)
     p.add_argument(
         "--find-identity-retry-interval",
-        type=_seconds,
+        type=seconds,
         default=5.0,
         help="seconds per attempt: waits are bounded by attempts x interval (woken on change)",
     )
-    p.add_argument("--ipt-update-interval-sec", type=_non_negative_int, default=60)
-    _bool_flag(
+    p.add_argument("--ipt-update-interval-sec", type=non_negative_int, default=60)
+    bool_flag(
         p, "--set-retry-after-header", False, "503 + Retry-After instead of 404 while not ready"
     )
-    _bool_flag(
+    bool_flag(
         p, "--enable-conntrack-deletion", False, "delete conntrack entries to the metadata IP"
     )
-    _bool_flag(p, "--allow-network-plugin-kubenet", False, "run on bridge (kubenet) nodes")
+    bool_flag(p, "--allow-network-plugin-kubenet", False, "run on bridge (kubenet) nodes")
     p.add_argument("--kubelet-config", default="/etc/default/kubelet")
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig (else $KUBECONFIG, else in-cluster)"
     )
     p.add_argument("--log-format", default="text", type=str.lower, choices=["text", "json"])
     p.add_argument(
-        "-v", "--v", dest="verbosity", type=_non_negative_int, default=0, help="log verbosity"
+        "-v", "--v", dest="verbosity", type=non_negative_int, default=0, help="log verbosity"
     )
     p.add_argument(
         "--allowed-authority-hosts",
-        type=_hosts,
+        type=hosts,
         default=frozenset(),
         help="extra Azure AD login hosts (host[:port], comma-separated) secrets may be sent to",
     )
-    _bool_flag(
+    bool_flag(
         p,
         "--allow-cross-namespace-secrets",
         False,
@@ -166,12 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-address", default="0.0.0.0", help="address of the probe server")
     p.add_argument("--prometheus-address", default="0.0.0.0", help="address of the metrics server")
     p.add_argument(
-        "--upstream-timeout", type=_seconds, default=30.0, help="timeout of upstream calls"
+        "--upstream-timeout", type=seconds, default=30.0, help="timeout of upstream calls"
     )
-    p.add_argument("--shutdown-grace", type=_seconds, default=10.0, help="time to finish requests")
+    p.add_argument("--shutdown-grace", type=seconds, default=10.0, help="time to finish requests")
     p.add_argument(
         "--new-pod-grace",
-        type=_seconds,
+        type=seconds,
         default=3.0,
         help="a pod this young (seconds) waits for its binding to be seen before a refusal",
     )
@@ -180,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HOST_IP", ""),
         help="node IPv4 address the DNAT targets (env HOST_IP; default: found via netlink)",
     )
-    _bool_flag(
+    bool_flag(
         p,
         "--manage-iptables",
         True,
@@ -200,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "beyond it a pod is served from the cache or gets 429",
     )
     p.add_argument("--per-pod-burst", type=float, default=50.0, help="burst of --per-pod-rate")
-    _bool_flag(
+    bool_flag(
         p, "--kube-events", True, "record Kubernetes Events on pods whose token request fails"
     )
     p.add_argument(
@@ -208,22 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="/run/nmi/admin.sock",
         help="read-only admin endpoint (Unix socket) for 'nmi explain'; empty to disable",
     )
-    # Accepted for compatibility, without effect.
-    p.add_argument("--MICNamespace", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--custom-user-agent", default="", help=argparse.SUPPRESS)
-    for name in ("--enableScaleFeatures", "--enableProfile", "--logtostderr", "--alsologtostderr"):
-        _bool_flag(p, name, False, argparse.SUPPRESS)
+    compat_flags(p, COMPAT_FLAGS)
     return p
-
-
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for arg in argv:
-        if arg.startswith("-v=") or (arg.startswith("-v") and arg[2:].isdigit()):
-            out.append("--v=" + arg[2:].lstrip("="))
-        else:
-            out.append(arg)
-    return out
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
@@ -259,7 +198,6 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         upstream_timeout=args.upstream_timeout,
         shutdown_grace=args.shutdown_grace,
         new_pod_grace=args.new_pod_grace,
-        custom_user_agent=args.custom_user_agent,
         node_ip=args.node_ip,
         per_pod_rate=args.per_pod_rate,
         per_pod_burst=args.per_pod_burst,
@@ -271,13 +209,8 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
 
 def _warn_compat(args: argparse.Namespace) -> None:
-    if args.MICNamespace is not None:
-        log.warning(
-            "--MICNamespace has no effect: nmi has no ReplicaSet-name bypass; "
-            "exempt MIC with an AzurePodIdentityException"
-        )
-    if args.enableProfile:
-        log.warning("--enableProfile has no effect: nmi exposes no profiling endpoint")
+    for line in compat_warnings(args, COMPAT_FLAGS):
+        log.warning(line)
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -309,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "sandbox":
         return _sandbox(args_list[1:])
     if args_list and args_list[0] == "explain":
-        from .explain import main as explain_main
+        from .explain.command import main as explain_main
 
         return explain_main(args_list[1:])
     if args_list and args_list[0] == "uninstall":
@@ -317,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return uninstall_main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(_normalise_argv(args_list))
+    args = parser.parse_args(go_style(args_list))
     if args.version:
         print(f"nmi {__version__}")
         return 0

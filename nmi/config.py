@@ -80,7 +80,6 @@ class Settings:
     pod_lookup_timeout: float = 2.0
     new_pod_grace: float = 3.0
     shutdown_grace: float = 10.0
-    custom_user_agent: str = ""
     node_ip: str = ""
     per_pod_rate: float = 10.0
     per_pod_burst: float = 50.0

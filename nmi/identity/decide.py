@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 from ..config import OperationMode, Settings
 from ..kube.index import ClusterIndex
-from ..kube.objects import AssignedState, AzureAssignedIdentity, AzureIdentity, Pod
+from ..kube.objects import (
+    NAMESPACED_ANNOTATION,
+    AssignedState,
+    AzureAssignedIdentity,
+    AzureIdentity,
+    AzureIdentityBinding,
+    Pod,
+)
 from ..ops.logs import redact_id as redact
 
 
@@ -77,6 +84,19 @@ class Deny:
 
 Decision = Grant | UseNodeIdentity | Wait | Deny
 
+NODE_IDENTITY = "node"  # the owner of what the node's own identity does (exception pods)
+
+
+def owner_of(decision: Decision) -> str | None:
+    """Whose tokens and errors a decision leads to: the AzureIdentity (its UID),
+    :data:`NODE_IDENTITY`, or None for a refusal."""
+    if isinstance(decision, Grant):
+        return decision.identity.meta.uid_or_key
+    if isinstance(decision, UseNodeIdentity):
+        return NODE_IDENTITY
+    return None
+
+
 ObjectIdOf = Callable[[AzureIdentity], str | None]
 
 
@@ -120,6 +140,42 @@ def _distinct(identities: Iterable[AzureIdentity]) -> list[AzureIdentity]:
     return [seen[k] for k in sorted(seen)]
 
 
+def namespaced_why(settings: Settings) -> str:
+    """Why namespaced rules apply to every identity ("" when they do not)."""
+    if settings.operation_mode is OperationMode.MANAGED:
+        return "managed mode"
+    if settings.force_namespaced:
+        return "--forceNamespaced / FORCENAMESPACED=true"
+    return ""
+
+
+def binding_status(
+    index: ClusterIndex, pod: Pod, binding: AzureIdentityBinding, settings: Settings
+) -> tuple[AzureIdentity | None, str]:
+    """(the identity, "") when this binding (whose selector is the pod's label) gives
+    the pod its identity; (identity or None, why not) when it does not."""
+    ns = binding.meta.namespace
+    if settings.namespaced_everywhere and ns != pod.meta.namespace:
+        return None, (
+            f"namespaced rules ({namespaced_why(settings)}) use only bindings of the pod's "
+            f"namespace {pod.meta.namespace!r}; this binding is in {ns!r}"
+        )
+    identity = index.identity(ns, binding.azure_identity)
+    if identity is None:
+        return None, f"AzureIdentity {ns}/{binding.azure_identity} does not exist"
+    if not namespace_allows(identity, pod, settings):
+        why = (
+            f"annotation {NAMESPACED_ANNOTATION}: namespaced"
+            if identity.namespaced
+            else namespaced_why(settings)
+        )
+        return identity, (
+            f"AzureIdentity {identity.meta.key} is namespaced ({why}) and the pod is in "
+            f"namespace {pod.meta.namespace!r}"
+        )
+    return identity, ""
+
+
 def bound_identities(index: ClusterIndex, pod: Pod, settings: Settings) -> list[AzureIdentity]:
     """Identities whose bindings select this pod (the managed-mode assignment)."""
     label = pod.binding_label
@@ -127,13 +183,40 @@ def bound_identities(index: ClusterIndex, pod: Pod, settings: Settings) -> list[
         return []
     found: list[AzureIdentity] = []
     for binding in index.bindings_with_selector(label):
-        ns = binding.meta.namespace
-        if settings.namespaced_everywhere and ns != pod.meta.namespace:
-            continue
-        identity = index.identity(ns, binding.azure_identity)
-        if identity is not None and namespace_allows(identity, pod, settings):
+        identity, why = binding_status(index, pod, binding, settings)
+        if identity is not None and not why:
             found.append(identity)
     return _distinct(found)
+
+
+USABLE = "usable"
+PENDING = "pending"
+IGNORED = "ignored"
+_USABLE = (USABLE, "")
+_PENDING = (PENDING, "MIC has created it but not finished assigning the identity to the node")
+
+
+def assignment_status(
+    index: ClusterIndex, pod: Pod, assignment: AzureAssignedIdentity, settings: Settings
+) -> tuple[str, str]:
+    """(USABLE | PENDING | IGNORED, why) of one of the pod's AzureAssignedIdentities."""
+    a = assignment
+    if a.meta.deleting:
+        return IGNORED, "being deleted"
+    if a.state == AssignedState.UNASSIGNED:
+        return IGNORED, "state Unassigned"
+    if a.node_name and a.node_name != index.node_name:
+        return IGNORED, f"it is for node {a.node_name}"
+    if not namespace_allows(a.identity, pod, settings):
+        return IGNORED, (
+            f"identity {a.identity.meta.key} is outside the pod's namespace and namespaced "
+            "rules apply"
+        )
+    if a.state in (AssignedState.ASSIGNED, AssignedState.LEGACY):
+        return _USABLE
+    if a.state == AssignedState.CREATED:
+        return _PENDING
+    return IGNORED, f"unknown state {a.state!r}"
 
 
 def usable_assignments(
@@ -143,15 +226,10 @@ def usable_assignments(
     usable: list[AzureAssignedIdentity] = []
     pending: list[AzureAssignedIdentity] = []
     for a in index.assignments(pod.meta.namespace, pod.meta.name):
-        if a.meta.deleting or a.state == AssignedState.UNASSIGNED:
-            continue
-        if a.node_name and a.node_name != index.node_name:
-            continue
-        if not namespace_allows(a.identity, pod, settings):
-            continue
-        if a.state in (AssignedState.ASSIGNED, AssignedState.LEGACY):
+        status, _ = assignment_status(index, pod, a, settings)
+        if status == USABLE:
             usable.append(a)
-        elif a.state == AssignedState.CREATED:
+        elif status == PENDING:
             pending.append(a)
     return usable, pending
 

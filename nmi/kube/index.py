@@ -9,11 +9,11 @@ waiting never polls.
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .changes import ChangeSignal
 from .informer import ADDED, DELETED, MODIFIED
 from .objects import (
     AzureAssignedIdentity,
@@ -22,32 +22,6 @@ from .objects import (
     AzurePodIdentityException,
     Pod,
 )
-
-
-class ChangeSignal:
-    """Wakes every waiter on the next change; waiting costs no polling."""
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self._future: asyncio.Future[None] | None = None
-
-    def fire(self) -> None:
-        self.generation += 1
-        fut, self._future = self._future, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait for the next change; False on timeout."""
-        if timeout <= 0:
-            return False
-        if self._future is None or self._future.done():
-            self._future = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._future), timeout)
-        except TimeoutError:
-            return False
-        return True
 
 
 class ClusterIndex:
@@ -92,6 +66,10 @@ class ClusterIndex:
         found = self._bindings_by_selector.get(selector)
         return list(found.values()) if found else []
 
+    def bindings(self) -> Iterable[AzureIdentityBinding]:
+        for bucket in self._bindings_by_selector.values():
+            yield from bucket.values()
+
     def exceptions_in(self, namespace: str) -> list[AzurePodIdentityException]:
         found = self._exceptions_by_ns.get(namespace)
         return list(found.values()) if found else []
@@ -101,8 +79,7 @@ class ClusterIndex:
         keys: set[str] = set()
         for bucket in self._assigned_by_pod.values():
             for assignment in bucket.values():
-                ident = assignment.identity
-                keys.add(ident.meta.uid or f"{ident.meta.namespace}/{ident.meta.name}")
+                keys.add(assignment.identity.meta.uid_or_key)
         return keys
 
     def bound_identity_keys(self) -> set[str]:
@@ -117,7 +94,7 @@ class ClusterIndex:
                     continue
                 ident = self._identities.get((binding.meta.namespace, binding.azure_identity))
                 if ident is not None:
-                    keys.add(ident.meta.uid or f"{ident.meta.namespace}/{ident.meta.name}")
+                    keys.add(ident.meta.uid_or_key)
         return keys
 
     # -- watch handlers -----------------------------------------------------

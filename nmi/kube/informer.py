@@ -137,6 +137,11 @@ class Informer(Generic[T]):
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, self.backoff_max)
 
+    async def list_once(self) -> None:
+        """One consistent LIST into ``store`` (and the handler), without the watch that
+        follows: what ``nmi explain`` needs from a cluster it only looks at."""
+        await self._list()
+
     def staleness(self) -> float:
         """Seconds since the server was last heard from (0 before the first contact)."""
         return time.monotonic() - self.last_contact if self.last_contact else 0.0

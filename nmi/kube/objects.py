@@ -128,6 +128,12 @@ class Meta:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
+    @property
+    def uid_or_key(self) -> str:
+        """The UID (an object recreated under the same name is another object), or
+        ``namespace/name`` for objects without one (embedded copies, tests)."""
+        return self.uid or self.key
+
 
 @dataclass(frozen=True, slots=True)
 class Pod:

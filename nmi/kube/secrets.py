@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .index import ChangeSignal
+from .changes import ChangeSignal
 from .informer import Informer, RawApi
 from .objects import Secret
 

@@ -40,9 +40,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from ..identity.decide import Deny, IdentitySelector, Wait
-from ..kube.index import ChangeSignal
-from ..kube.objects import AzureIdentity, Pod
+from ..kube.changes import ChangeSignal
+from ..kube.objects import Pod
 from .logs import redact_id as redact
 
 log = logging.getLogger(__name__)
@@ -91,79 +90,6 @@ def rfc3339(epoch: float, *, micro: bool = False) -> str:
     if micro:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# -- what to say ---------------------------------------------------------------
-
-
-def _identity_name(identity: AzureIdentity | None) -> str:
-    if identity is None:
-        return "the node's identity"
-    return f"AzureIdentity {identity.meta.key}"
-
-
-def refusal_event(
-    decision: Deny | Wait, *, resource: str, selector: IdentitySelector
-) -> tuple[str, str]:
-    """(reason, message) for a request the identity decision refused."""
-    asked = "" if selector.empty else f" ({selector.describe()})"
-    if isinstance(decision, Wait):
-        return (
-            IDENTITY_NOT_ASSIGNED,
-            f"Token request for {resource}{asked} refused: the pod's identity was not assigned "
-            f"on this node in time ({decision.reason}); MIC may be behind or failing",
-        )
-    if decision.kind == "multiple":
-        return (
-            MULTIPLE_IDENTITIES,
-            f"Token request for {resource} refused: {decision.reason} and the request names "
-            "none; specify client_id or msi_res_id",
-        )
-    return (
-        IDENTITY_NOT_FOUND,
-        f"Token request for {resource}{asked} refused: Identity not found ({decision.reason})",
-    )
-
-
-def upstream_event(
-    *,
-    source: str,
-    status: int | None,
-    error: str,
-    description: str,
-    identity: AzureIdentity | None,
-    resource: str,
-) -> tuple[str, str]:
-    """(reason, message) for a token request that Azure AD or the node IMDS failed."""
-    code = status if status is not None else "-"
-    detail = f": {description}" if description else ""
-    return (
-        TOKEN_REQUEST_FAILED,
-        f"Token request for {resource} with {_identity_name(identity)} failed upstream "
-        f"({source} {code} {error}){detail}",
-    )
-
-
-def misconfigured_event(
-    *, detail: str, identity: AzureIdentity | None, resource: str
-) -> tuple[str, str]:
-    """(reason, message) for an identity nmi cannot use (credential, authority, Secret)."""
-    return (
-        IDENTITY_MISCONFIGURED,
-        f"Token request for {resource} refused: {_identity_name(identity)} cannot be used: "
-        f"{detail}",
-    )
-
-
-def credential_unavailable_event(
-    *, identity: AzureIdentity | None, resource: str
-) -> tuple[str, str]:
-    """(reason, message) when the identity's Secret could not be read right now."""
-    return (
-        TOKEN_REQUEST_FAILED,
-        f"Token request for {resource} failed: the credential of {_identity_name(identity)} "
-        "cannot be read now (API server unreachable or access denied)",
-    )
 
 
 # -- the recorder ----------------------------------------------------------------
@@ -541,10 +467,6 @@ __all__ = [
     "TOKEN_REQUEST_FAILED",
     "EventApi",
     "EventRecorder",
-    "credential_unavailable_event",
-    "misconfigured_event",
-    "refusal_event",
     "rfc3339",
     "scrub",
-    "upstream_event",
 ]

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .model import Token, UpstreamError
@@ -45,6 +45,33 @@ REFRESH_IDLE_LIMIT = 86400.0  # tokens nobody asked for in a day are left to exp
 
 
 Fetch = Callable[[], Awaitable[Token]]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """What a cached token was made from.
+
+    ``owner`` is the AzureIdentity (its UID, see ``Meta.uid_or_key``) or
+    ``identity.decide.NODE_IDENTITY``; ``credential`` names everything that produced the
+    credential (the identity's spec fingerprint and its Secret's version, or the
+    identity selector sent to the node IMDS); ``resource`` is as requested.
+    A changed spec or a rotated Secret is another key: never served again.
+    """
+
+    owner: str
+    credential: str
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class CachedEntry:
+    """A read-only view of one cache entry (never the token itself)."""
+
+    key: CacheKey
+    expires_on: int
+    refresh_at: float
+    last_used: float
+    refreshing: bool
 
 
 class UpstreamNotAllowed(Exception):
@@ -64,10 +91,10 @@ class _Entry:
 class TokenCache:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._entries: dict[Hashable, _Entry] = {}
-        self._flights: dict[Hashable, asyncio.Task[Token]] = {}
+        self._entries: dict[CacheKey, _Entry] = {}
+        self._flights: dict[CacheKey, asyncio.Task[Token]] = {}
         self._refreshing: set[asyncio.Task[Token]] = set()
-        self._cooldown: dict[Hashable, tuple[float, UpstreamError]] = {}
+        self._cooldown: dict[CacheKey, tuple[float, UpstreamError]] = {}
         self.hits = 0
         self.misses = 0
         self.refreshes = 0
@@ -77,12 +104,26 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def peek(self, key: Hashable) -> Token | None:
+    def snapshot(self, owner: str | None = None) -> list[CachedEntry]:
+        """The entries (of one owner), for ``nmi explain`` and metrics; no token."""
+        return [
+            CachedEntry(
+                key=key,
+                expires_on=entry.token.expires_on,
+                refresh_at=entry.refresh_at,
+                last_used=entry.last_used,
+                refreshing=key in self._flights,
+            )
+            for key, entry in self._entries.items()
+            if owner is None or key.owner == owner
+        ]
+
+    def peek(self, key: CacheKey) -> Token | None:
         entry = self._entries.get(key)
         return entry.token if entry is not None else None
 
     async def get(
-        self, key: Hashable, fetch: Fetch, *, upstream: bool = True
+        self, key: CacheKey, fetch: Fetch, *, upstream: bool = True
     ) -> tuple[Token, bool]:
         """The token for ``key`` and whether it came from the cache.
 
@@ -116,7 +157,7 @@ class TokenCache:
         flight = self._flights.get(key) or self._start(key, fetch, background=False)
         return await asyncio.shield(flight), False
 
-    def hit(self, key: Hashable) -> Token | None:
+    def hit(self, key: CacheKey) -> Token | None:
         """A servable cached token, or None; synchronous (the hot path)."""
         entry = self._entries.get(key)
         if entry is None:
@@ -132,14 +173,14 @@ class TokenCache:
         return entry.token
 
     async def run_refresher(
-        self, *, in_use: Callable[[Hashable], bool], interval: float = 1.0
+        self, *, in_use: Callable[[CacheKey], bool], interval: float = 1.0
     ) -> None:
         """Renew, ahead of expiry, the tokens pods still use; forever."""
         while True:
             await asyncio.sleep(interval)
             self.refresh_due(in_use=in_use)
 
-    def refresh_due(self, *, in_use: Callable[[Hashable], bool]) -> int:
+    def refresh_due(self, *, in_use: Callable[[CacheKey], bool]) -> int:
         """Start a background refresh for every due token still in use."""
         now = self._clock()
         started = 0
@@ -155,7 +196,7 @@ class TokenCache:
             started += 1
         return started
 
-    def _start(self, key: Hashable, fetch: Fetch, *, background: bool) -> asyncio.Task[Token]:
+    def _start(self, key: CacheKey, fetch: Fetch, *, background: bool) -> asyncio.Task[Token]:
         task = asyncio.create_task(self._fetch(key, fetch, background=background))
         self._flights[key] = task
         if background:
@@ -164,7 +205,7 @@ class TokenCache:
             task.add_done_callback(_consume)
         return task
 
-    async def _fetch(self, key: Hashable, fetch: Fetch, *, background: bool) -> Token:
+    async def _fetch(self, key: CacheKey, fetch: Fetch, *, background: bool) -> Token:
         try:
             token = await fetch()
         except UpstreamError as exc:
@@ -195,7 +236,7 @@ class TokenCache:
         self._store(key, token, fetch)
         return token
 
-    def _store(self, key: Hashable, token: Token, fetch: Fetch) -> None:
+    def _store(self, key: CacheKey, token: Token, fetch: Fetch) -> None:
         now = self._clock()
         remaining = token.expires_on - now
         lead = max(token.lifetime / 3, MIN_REFRESH_LEAD)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable
 
 from ..config import Settings
+from ..identity.decide import NODE_IDENTITY
 from ..kube.objects import AzureIdentity, IdentityType, Secret
 from ..kube.secrets import SecretStore
 from ..ops.metrics import Metrics
-from .cache import TokenCache
+from .cache import CacheKey, TokenCache
 from .credentials import (
     CredentialError,
     authority_for,
@@ -28,10 +29,6 @@ from .model import Token, UpstreamError
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-
-def identity_key(identity: AzureIdentity) -> str:
-    return identity.meta.uid or f"{identity.meta.namespace}/{identity.meta.name}"
 
 
 class TokenService:
@@ -52,14 +49,14 @@ class TokenService:
         self._object_ids: dict[str, str] = {}
 
     def object_id_of(self, identity: AzureIdentity) -> str | None:
-        return self._object_ids.get(f"{identity_key(identity)}:{identity.fingerprint}")
+        return self._object_ids.get(f"{identity.meta.uid_or_key}:{identity.fingerprint}")
 
     def _learn(self, identity: AzureIdentity, token: Token) -> None:
         oid = token.claim("oid")
         if oid:
-            self._object_ids[f"{identity_key(identity)}:{identity.fingerprint}"] = oid
+            self._object_ids[f"{identity.meta.uid_or_key}:{identity.fingerprint}"] = oid
 
-    async def cache_key(self, identity: AzureIdentity, resource: str) -> Hashable:
+    async def cache_key(self, identity: AzureIdentity, resource: str) -> CacheKey:
         """The key of this identity's token for ``resource`` (reads the Secret on a first use)."""
         if identity.type in (
             IdentityType.SERVICE_PRINCIPAL,
@@ -205,13 +202,18 @@ class TokenService:
         return await self.cache.get(key, fetch, upstream=upstream)
 
 
-def _key(identity: AzureIdentity, resource: str, secret: Secret | None) -> Hashable:
+def _key(identity: AzureIdentity, resource: str, secret: Secret | None) -> CacheKey:
     """identity UID + spec fingerprint (+ the Secret's UID and resourceVersion) + resource."""
-    base = (identity_key(identity), identity.fingerprint)
-    if secret is None:
-        return ("mi", *base, resource)
-    return ("sp", *base, secret.meta.uid, secret.meta.resource_version, resource)
+    credential = identity.fingerprint
+    if secret is not None:
+        credential += f":{secret.meta.uid}:{secret.meta.resource_version}"
+    return CacheKey(identity.meta.uid_or_key, credential, resource)
 
 
-def _node_key(resource: str, client_id: str, object_id: str, resource_id: str) -> Hashable:
-    return ("node", client_id.lower(), object_id.lower(), resource_id.lower(), resource)
+def node_selector_key(client_id: str, object_id: str, resource_id: str) -> str:
+    """The ``credential`` part of the node identity's keys: the selector sent to IMDS."""
+    return f"{client_id.lower()}|{object_id.lower()}|{resource_id.lower()}"
+
+
+def _node_key(resource: str, client_id: str, object_id: str, resource_id: str) -> CacheKey:
+    return CacheKey(NODE_IDENTITY, node_selector_key(client_id, object_id, resource_id), resource)

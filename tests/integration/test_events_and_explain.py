@@ -2,7 +2,7 @@
 
 Events are written through the real :class:`~nmi.kube.client.KubeApi` to the API
 emulator; explain runs its real code path (KubeApi, ClusterWatch one-shot LIST,
-decide) and, for cache state, talks to an :class:`~nmi.explain.AdminServer` on a
+decide) and, for cache state, talks to an :class:`~nmi.explain.admin.AdminServer` on a
 Unix socket serving a daemon started by ``world.start_daemon()``.
 """
 
@@ -23,13 +23,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-from nmi.explain import AdminServer, LastErrors, error_key, query_admin, run
-from nmi.identity.decide import Deny, IdentitySelector
+from nmi.config import Settings
+from nmi.explain.admin import AdminServer, query_admin
+from nmi.explain.command import run
+from nmi.identity.decide import Deny, IdentitySelector, owner_of
+from nmi.imds import failures
 from nmi.imds.replies import IDENTITY_NOT_FOUND, MULTIPLE_IDENTITIES
 from nmi.kube.client import KubeApi
 from nmi.kube.objects import Pod
 from nmi.ops import events as ev
 from nmi.ops.events import EventRecorder
+from nmi.ops.last_errors import LastErrors
 from nmi_sandbox import manifests as m
 from nmi_sandbox.world import Identity, LoopbackWorld
 
@@ -103,18 +107,12 @@ async def test_refused_pod_gets_a_warning_event(running: LoopbackWorld) -> None:
     assert running.daemon is not None and running.daemon.handler is not None
     pod = running.daemon.index.pod("default", "lonely")
     assert pod is not None
-    decision = running.daemon.handler.resolver.decide_now(pod, IdentitySelector())
+    decision = running.daemon.resolver.decide_now(pod, IdentitySelector())
     assert isinstance(decision, Deny)
-    wired = getattr(running.daemon, "events", None)
-    if isinstance(wired, EventRecorder):  # the daemon records it itself
-        assert await wired.flush()
-        assert wired.failed == 0
-    else:
-        reason, message = ev.refusal_event(decision, resource=ARM, selector=IdentitySelector())
-        async with sender(running) as rec:
-            rec.record(pod, reason=reason, message=message)
-            assert await rec.flush()
-            assert rec.emitted == 1 and rec.failed == 0
+    wired = running.daemon.events  # the daemon records it itself
+    assert isinstance(wired, EventRecorder)
+    assert await wired.flush()
+    assert wired.failed == 0
     [event] = events_of(running, pod.meta.uid)
     assert event["metadata"]["namespace"] == "default"
     assert event["metadata"]["name"].startswith("lonely.")
@@ -146,9 +144,14 @@ async def test_a_pod_refused_50_times_gets_one_event_then_a_summary(
     raw = world.add_pod("looping")
     pod = pod_view(raw)
     sel = IdentitySelector()
-    reason, message = ev.refusal_event(
-        Deny("not_found", "no identity is assigned to this pod"), resource=ARM, selector=sel
-    )
+    event = failures.refused(
+        Deny("not_found", "no identity is assigned to this pod"),
+        resource=ARM,
+        selector=sel,
+        settings=Settings(node_name=world.node),
+    ).event
+    assert event is not None
+    reason, message = event
     # The default interval (60 s): 50 occurrences, one Event.
     async with sender(world) as rec:
         for _ in range(50):
@@ -198,11 +201,11 @@ async def test_api_errors_are_counted_and_sending_continues(world: LoopbackWorld
 
 
 async def test_wired_daemon_records_events_for_refused_requests(running: LoopbackWorld) -> None:
-    """Runs once the EventRecorder is wired into the daemon (``daemon.events``)."""
+    """The daemon records Events itself (``--kube-events``, on by default)."""
     daemon = running.daemon
-    rec = getattr(daemon, "events", None)
-    if not isinstance(rec, EventRecorder):
-        pytest.skip("EventRecorder not wired into the daemon yet")
+    assert daemon is not None
+    rec = daemon.events
+    assert isinstance(rec, EventRecorder)
     raw = running.add_pod("wired-loop")
     await running.pod_visible(raw)
     for _ in range(50):
@@ -347,7 +350,7 @@ async def test_explain_usage_errors(world: LoopbackWorld) -> None:
 async def test_explain_main_in_a_process(world: LoopbackWorld) -> None:
     bound(world, "proc")
     world.add_pod("proc-refused")
-    script = "import sys; from nmi.explain import main; sys.exit(main(sys.argv[1:]))"
+    script = "import sys; from nmi.explain.command import main; sys.exit(main(sys.argv[1:]))"
     codes = []
     for target in ("default/proc", "default/proc-refused"):
         proc = await asyncio.create_subprocess_exec(
@@ -379,14 +382,13 @@ async def test_explain_with_the_daemons_admin_socket(world: LoopbackWorld, short
     reply = await world.get_token(world.pod_ip(pod), ARM)
     assert reply.status == 200, reply.body
     token = reply.token
-    errors = LastErrors()
     granted = daemon.index.pod("default", "cached")
-    assert granted is not None and daemon.handler is not None
-    key = error_key(daemon.handler.resolver.decide_now(granted, IdentitySelector()))
+    assert granted is not None and daemon.resolver is not None
+    key = owner_of(daemon.resolver.decide_now(granted, IdentitySelector()))
     assert key is not None
-    errors.record(key, "aad 400 invalid_resource: AADSTS500011 resource not found")
+    daemon.last_errors.record(key, "aad 400 invalid_resource: AADSTS500011 resource not found")
     path = short_tmp / "run" / "admin.sock"
-    admin = AdminServer(daemon=daemon, path=path, last_errors=errors)
+    admin = AdminServer(daemon=daemon, path=path)
     await admin.start()
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -2,12 +2,13 @@
 
 import pytest
 
-from nmi.cli import _normalise_argv, build_parser, settings_from
+from nmi.cli import COMPAT_FLAGS, build_parser, settings_from
 from nmi.config import ConfigError, OperationMode
+from nmi.flags import compat_warnings, go_style
 
 
 def parse(*argv: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    args = build_parser().parse_args(_normalise_argv(list(argv)))
+    args = build_parser().parse_args(go_style(list(argv)))
     return settings_from(args, env or {})
 
 
@@ -46,15 +47,45 @@ def test_env_force_namespaced() -> None:
     assert parse("--node", "n", env={"FORCENAMESPACED": "true"}).force_namespaced
 
 
-def test_compat_flags_are_accepted() -> None:
-    parse(
-        "--node",
-        "n",
-        "--MICNamespace",
-        "kube-system",
-        "--enableScaleFeatures=true",
-        "--logtostderr",
-    )
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--MICNamespace", "kube-system"],
+        ["--enableScaleFeatures=true"],
+        ["--enableProfile"],
+        ["--custom-user-agent", "x/1"],
+        ["--logtostderr"],
+        ["-alsologtostderr=false"],
+    ],
+)
+def test_compat_flags_are_accepted_and_warn(argv: list[str]) -> None:
+    """Each compatibility flag parses and leaves one warning naming it and saying why."""
+    args = build_parser().parse_args(go_style(["--node", "n", *argv]))
+    settings_from(args, {})
+    [warning] = compat_warnings(args, COMPAT_FLAGS)
+    name = argv[0].split("=")[0].lstrip("-")
+    assert warning.startswith(f"--{name} has no effect: ")
+    assert len(warning) > len(f"--{name} has no effect: ") + 10
+
+
+def test_no_warning_without_compat_flags() -> None:
+    args = build_parser().parse_args(["--node", "n"])
+    assert compat_warnings(args, COMPAT_FLAGS) == []
+
+
+def test_go_flag_spellings() -> None:
+    """Go's flag package reads one or two dashes; klog's -v4 / -v=4."""
+    assert go_style(["-node=n", "-v4", "-h", "--x", "-5", "--", "-keep"]) == [
+        "--node=n",
+        "--v=4",
+        "-h",
+        "--x",
+        "-5",
+        "--",
+        "-keep",
+    ]
+    s = parse("-node", "n1", "-forceNamespaced", "-nmi-port=2580")
+    assert s.node_name == "n1" and s.force_namespaced and s.port == 2580
 
 
 @pytest.mark.parametrize(

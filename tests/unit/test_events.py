@@ -8,10 +8,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from nmi.identity.decide import Deny, IdentitySelector, Wait
+from nmi.config import Settings
+from nmi.identity.decide import Deny, Grant, IdentitySelector, Wait
+from nmi.imds import failures
 from nmi.kube.objects import AzureIdentity, Pod
 from nmi.ops import events as ev
 from nmi.ops.events import EventRecorder
+from nmi.tokens.model import UpstreamError
 from nmi_sandbox import manifests as m
 
 NODE = "node-1"
@@ -142,41 +145,64 @@ def test_messages_never_carry_ids_or_tokens() -> None:
 
 
 def test_messages_for_each_reason() -> None:
+    """The Events a refusal or failure leaves (built by imds.failures): reason and text."""
+    settings = Settings(node_name="n")
     sel = IdentitySelector(client_id=CLIENT_ID)
-    reason, message = ev.refusal_event(
-        Deny("not_found", "no identity is assigned to this pod"),
-        resource="https://vault.azure.net",
-        selector=IdentitySelector(),
+
+    def event(failure: failures.Failure) -> tuple[str, str]:
+        assert failure.event is not None
+        return failure.event
+
+    reason, message = event(
+        failures.refused(
+            Deny("not_found", "no identity is assigned to this pod"),
+            resource="https://vault.azure.net",
+            selector=IdentitySelector(),
+            settings=settings,
+        )
     )
     assert reason == ev.IDENTITY_NOT_FOUND and "Identity not found" in message
-    reason, message = ev.refusal_event(
-        Deny("multiple", "2 identities are assigned to this pod"),
-        resource="r",
-        selector=IdentitySelector(),
+    reason, message = event(
+        failures.refused(
+            Deny("multiple", "2 identities are assigned to this pod"),
+            resource="r",
+            selector=IdentitySelector(),
+            settings=settings,
+        )
     )
     assert reason == ev.MULTIPLE_IDENTITIES and "client_id" in message
-    reason, message = ev.refusal_event(
-        Wait("assigned", "the pod's identity is not yet Assigned"), resource="r", selector=sel
+    reason, message = event(
+        failures.refused(
+            Wait("assigned", "the pod's identity is not yet Assigned"),
+            resource="r",
+            selector=sel,
+            settings=settings,
+        )
     )
     assert reason == ev.IDENTITY_NOT_ASSIGNED and CLIENT_ID not in message
     identity = AzureIdentity.parse(
         m.azure_identity(name="id", namespace="default", type=1, client_id=CLIENT_ID)
     )
-    reason, message = ev.upstream_event(
-        source="aad",
-        status=401,
-        error="invalid_client",
-        description=f"AADSTS7000215: Invalid client secret provided for {CLIENT_ID}",
-        identity=identity,
-        resource="r",
+    reason, message = event(
+        failures.upstream(
+            UpstreamError(
+                source="aad",
+                status=401,
+                error="invalid_client",
+                description=f"AADSTS7000215: Invalid client secret provided for {CLIENT_ID}",
+                retryable=False,
+            ),
+            Grant(identity),
+            "r",
+        )
     )
     assert reason == ev.TOKEN_REQUEST_FAILED and "default/id" in message
     rec = recorder(Clock())
     body = rec.event_body(make_pod(), reason=reason, message=message)
     assert CLIENT_ID not in body["message"] and "invalid_client" in body["message"]
-    reason, _ = ev.misconfigured_event(detail="secret x is empty", identity=identity, resource="r")
+    reason, _ = event(failures.misconfigured("secret x is empty", Grant(identity), "r"))
     assert reason == ev.IDENTITY_MISCONFIGURED
-    reason, _ = ev.credential_unavailable_event(identity=identity, resource="r")
+    reason, _ = event(failures.credential_unavailable("timeout", Grant(identity), "r"))
     assert reason == ev.TOKEN_REQUEST_FAILED
     assert set(ev.REASONS) == {
         "IdentityNotFound",

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nmi.imds.target import QueryError, Route, classify, parse_token_query
+from nmi.imds.query import QueryError, parse_token_query
+from nmi.imds.target import Route, classify
 
 
 @pytest.mark.parametrize(

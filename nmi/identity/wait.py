@@ -1,10 +1,8 @@
-"""Turns a source IP and a request into a final identity decision.
+"""The identity decision, waited for while the controller catches up.
 
-The two waits of the request path live here, and both wait on the cluster
-view's change signal rather than sleeping in a loop:
+The waits of the request path live here, and all wait on the cluster view's
+change signal rather than sleeping in a loop:
 
-* the caller: a pod's IP appears in the watch a moment after the pod starts,
-  so an unknown IP is given ``pod_lookup_timeout`` for it to show up;
 * MIC: while an assignment is missing or ``Created`` the request re-decides on
   every change, bounded by ``--retry-attempts-for-created`` and
   ``--retry-attempts-for-assigned`` times ``--find-identity-retry-interval``;
@@ -21,7 +19,6 @@ or replaced while its request waited gets nothing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from ..config import Settings
 from ..kube.index import ClusterIndex
@@ -29,43 +26,15 @@ from ..kube.objects import Pod
 from .decide import Decision, Deny, IdentitySelector, ObjectIdOf, Wait, decide
 
 
-@dataclass(frozen=True, slots=True)
-class CallerProblem:
-    """Why traffic from an IP cannot be attributed to exactly one pod."""
-
-    kind: str  # "unknown" | "ambiguous"
-    reason: str
-
-
 class Resolver:
+    """Decides (``decide_now``) and waits for a final decision (``resolve``)."""
+
     def __init__(
         self, *, index: ClusterIndex, settings: Settings, object_id_of: ObjectIdOf
     ) -> None:
         self.index = index
         self.settings = settings
         self.object_id_of = object_id_of
-
-    def caller_now(self, ip: str) -> Pod | CallerProblem:
-        pods = self.index.pods_with_ip(ip)
-        if len(pods) == 1:
-            return pods[0]
-        if pods:
-            names = ", ".join(sorted(p.meta.key for p in pods))
-            return CallerProblem("ambiguous", f"IP {ip} is claimed by several pods ({names})")
-        return CallerProblem("unknown", f"no pod on node {self.index.node_name} has IP {ip}")
-
-    async def caller(self, ip: str) -> Pod | CallerProblem:
-        found = self.caller_now(ip)
-        if not isinstance(found, CallerProblem) or found.kind != "unknown":
-            return found
-        deadline = time.monotonic() + self.settings.pod_lookup_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if not await self.index.changed.wait(remaining):
-                return found
-            found = self.caller_now(ip)
-            if not isinstance(found, CallerProblem) or found.kind != "unknown":
-                return found
 
     def decide_now(self, pod: Pod, selector: IdentitySelector) -> Decision:
         return decide(
