@@ -1,15 +1,12 @@
 """The ``nmi`` command: aad-pod-identity's NMI flags, same names and defaults.
 
-``nmi [flags]`` runs the daemon; ``nmi sandbox`` runs the local world.  Flags
-are parsed the way pflag parses them (``--flag``, ``--flag=false``,
-``--flag value``, klog's ``-v=N``), and every value is validated before
-anything starts: a wrong value is a one-line error and exit code 2.
-
-Accepted for drop-in compatibility but without effect (each logs why):
-``--MICNamespace`` (nmi has no name-prefix bypass: exempt MIC with an
-AzurePodIdentityException), ``--enableScaleFeatures`` (watches are always
-node-scoped), ``--enableProfile`` (no profiling endpoint is ever exposed),
-``--logtostderr``/``--alsologtostderr`` (logs always go to stderr).
+``nmi [flags]`` runs the daemon; ``nmi explain``, ``nmi uninstall`` and
+``nmi sandbox`` (a source checkout only) are subcommands.  Flags are read as
+Go reads them (``--flag`` or ``-flag``, ``--flag=false``, ``--flag value``,
+klog's ``-v=N``: see :mod:`nmi.flags`), and every value is validated before
+anything starts: a wrong value is a one-line error and exit code 2.  The
+flags aad-pod-identity had that mean nothing here are accepted and each logs
+why (:data:`COMPAT_FLAGS`).
 """
 
 from __future__ import annotations

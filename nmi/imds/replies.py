@@ -1,6 +1,6 @@
 """IMDS-shaped replies: every answer is JSON, with the status real clients expect.
 
-The table these builders implement (see ``CONTRACT.md``):
+The table these builders implement (docs/imds-contract.md §1):
 
 ======  ==========================  =====================================================
 status  error                       when

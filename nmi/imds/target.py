@@ -1,13 +1,19 @@
 """Reading the request target: which route. Pure functions.
 
-Clients differ (docs/imds-contract.md, "Request target"): msal-node appends a trailing slash and,
-with a trailing slash in its env var, sends ``//metadata/...``; azure-core
+Clients differ (docs/imds-contract.md §2): msal-node appends a trailing slash
+and, with a trailing slash in its env var, sends ``//metadata/...``; azure-core
 sends the query unencoded, others percent-encode it.  The target is therefore
-split on ``?`` by hand (generic URL parsers read ``//x`` as an authority),
-the path is percent-decoded once, repeated slashes collapse, a trailing slash
-goes, and the comparison ignores case.  Anything with dot segments or
-backslashes is never proxied: the node IMDS might resolve it to a path nmi did
-not check.
+split on ``?`` by hand (generic URL parsers read ``//x`` as an authority), the
+path is percent-decoded once, repeated slashes collapse, a trailing slash goes,
+and the comparison ignores case.
+
+Only an allow-list of the node IMDS's metadata APIs is proxied
+(:data:`PROXIED_PREFIXES`), and only paths made of plain characters: after the
+one decoding nmi does, a path that still holds ``%``, ``;``, spaces, dot
+segments, backslashes or control characters could mean something else to the
+node IMDS than to nmi (``/metadata/instance/%252e%252e/identity/...``), so it
+is refused (404), never forwarded.  What is forwarded is exactly the path nmi
+checked.
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ TOKEN_PATH = "/metadata/identity/oauth2/token"
 IDENTITY_PREFIX = "/metadata/identity"
 HOST_TOKEN_PATH = "/host/token"
 INSTANCE_PREFIX = "/metadata/instance"
+# The node IMDS APIs pods may reach through nmi (lower case, compared after normalising).
+PROXIED_PREFIXES = (
+    INSTANCE_PREFIX,
+    "/metadata/scheduledevents",
+    "/metadata/versions",
+    "/metadata/attested",
+    "/metadata/loadbalancer",
+)
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/_.\-]*$")
 
 _SLASHES = re.compile(r"/{2,}")
 
@@ -30,15 +45,15 @@ class Route(enum.Enum):
     HOST_TOKEN = "host_token"
     IDENTITY_OTHER = "identity_other"  # any other /metadata/identity path: never proxied
     INSTANCE = "instance"
-    PROXY = "proxy"
-    INVALID = "invalid"
+    PROXY = "proxy"  # an allow-listed metadata API of the node IMDS
+    INVALID = "invalid"  # anything else: 404, never proxied
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     route: Route
     path: str  # normalised, lower case
-    proxy_target: str  # what to send to the node IMDS (collapsed raw path + raw query)
+    proxy_target: str  # what to send to the node IMDS (the checked path + raw query)
     query: str  # raw query string
 
 
@@ -84,14 +99,15 @@ def classify(raw_target: str) -> Target:
         route = Route.IDENTITY_OTHER if "identity" in path else Route.INVALID
         return Target(route, path, "", query)
     if path == TOKEN_PATH:
-        route = Route.TOKEN
-    elif path == IDENTITY_PREFIX or path.startswith(IDENTITY_PREFIX + "/"):
-        route = Route.IDENTITY_OTHER
-    elif path == HOST_TOKEN_PATH:
-        route = Route.HOST_TOKEN
-    elif path == INSTANCE_PREFIX or path.startswith(INSTANCE_PREFIX + "/"):
-        route = Route.INSTANCE
-    else:
-        route = Route.PROXY
-    proxy_target = _SLASHES.sub("/", raw_path) + (f"?{query}" if query else "")
-    return Target(route, path, proxy_target, query)
+        return Target(Route.TOKEN, path, "", query)
+    if path == IDENTITY_PREFIX or path.startswith(IDENTITY_PREFIX + "/"):
+        return Target(Route.IDENTITY_OTHER, path, "", query)
+    if path == HOST_TOKEN_PATH:
+        return Target(Route.HOST_TOKEN, path, "", query)
+    allowed = next((p for p in PROXIED_PREFIXES if path == p or path.startswith(p + "/")), None)
+    if allowed is None or not _PLAIN_PATH.match(decoded):
+        route = Route.IDENTITY_OTHER if "identity" in path else Route.INVALID
+        return Target(route, path, "", query)
+    route = Route.INSTANCE if allowed == INSTANCE_PREFIX else Route.PROXY
+    checked = _SLASHES.sub("/", decoded)  # the node IMDS's names are case-sensitive
+    return Target(route, path, checked + (f"?{query}" if query else ""), query)

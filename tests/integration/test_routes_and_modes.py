@@ -39,6 +39,12 @@ async def test_other_metadata_paths_are_proxied_cleanly(running: LoopbackWorld) 
         "/metadata/identity/getplatformmetadata",
         "/metadata/identity\\oauth2\\token",
         "/metadata/instance/../identity/oauth2/token",
+        # forwarded with the pod's Metadata header and query before the allow-list
+        "/metadata/identity%20/oauth2/token?api-version=2018-02-01&resource=x",
+        "/metadata/identity;x/oauth2/token?api-version=2018-02-01&resource=x",
+        "/metadata%252fidentity/oauth2/token?api-version=2018-02-01&resource=x",
+        "/metadata/instance/%252e%252e/identity/oauth2/token?api-version=2018-02-01&resource=x",
+        "/metadata/anything-else?api-version=2021-02-01",
     ):
         reply = await running.request(ip, path, headers={"Metadata": "true"})
         assert reply.status == 404, path

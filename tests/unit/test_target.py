@@ -56,16 +56,53 @@ def test_absolute_form_loses_its_authority_and_other_forms_are_invalid() -> None
     assert classify("HTTP://evil.example/metadata/identity/issuecredential").route is (
         Route.IDENTITY_OTHER
     )
-    t = classify("http://169.254.169.254?api-version=1")
-    assert t.route is Route.PROXY and t.proxy_target == "/?api-version=1"
+    t = classify("http://169.254.169.254/metadata/versions?api-version=1")
+    assert t.route is Route.PROXY and t.proxy_target == "/metadata/versions?api-version=1"
     for raw in ("*", "169.254.169.254:80", "ftp://x/metadata/instance", "metadata/instance"):
         assert classify(raw).route is Route.INVALID, raw
 
 
 def test_proxy_targets_are_always_origin_form() -> None:
-    for raw in ("/x", "//x//y", "http://h//a", "https://h?q"):
+    for raw in (
+        "/metadata/versions",
+        "//metadata//attested//document",
+        "http://h//metadata/loadbalancer",
+        "https://h/metadata/scheduledevents?q",
+    ):
         target = classify(raw)
         assert target.route is Route.PROXY and target.proxy_target.startswith("/"), raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Each was forwarded to the node IMDS with the pod's Metadata header (issue 10).
+        "/metadata/identity%20/oauth2/token?resource=x",
+        "/metadata/identity;x/oauth2/token?resource=x",
+        "/metadata%252fidentity/oauth2/token?resource=x",
+        "/metadata/instance/%252e%252e/identity/oauth2/token?resource=x",
+        "/metadata/instance/%2e%2e/identity/oauth2/token",
+        "/metadata/instance%00/compute",
+        "/metadata/instance/compute;v=1",
+        "/metadata/something-new",
+        "/metadata",
+        "/",
+        "/x",
+        "/metadata/instancex",
+    ],
+)
+def test_only_plain_allow_listed_metadata_paths_are_proxied(raw: str) -> None:
+    target = classify(raw)
+    assert target.route in (Route.INVALID, Route.IDENTITY_OTHER), raw
+    assert target.proxy_target == ""
+
+
+def test_the_proxied_path_is_the_checked_one_and_keeps_its_case() -> None:
+    t = classify("/metadata/instance/compute/%61zEnvironment?api-version=2021-02-01&format=text")
+    assert t.route is Route.INSTANCE
+    assert t.proxy_target == (
+        "/metadata/instance/compute/azEnvironment?api-version=2021-02-01&format=text"
+    )
 
 
 def test_query_ok_unencoded_and_encoded() -> None:
@@ -119,3 +156,19 @@ def test_classify_never_raises(raw: str) -> None:
 def test_parse_query_raises_only_query_error(query: str) -> None:
     with contextlib.suppress(QueryError):
         parse_token_query(query)
+
+
+def test_the_parse_cache_is_bounded_in_bytes() -> None:
+    """Queries a pod chooses cannot grow the parse cache: long ones are never kept, and
+    the number kept is capped (issue 10: 30 KiB queries grew nmi by 118 MB)."""
+    from nmi.imds import query as q
+
+    q._cache.clear()
+    padded = "api-version=2018-02-01&resource=r&x=" + "a" * 30_000
+    for i in range(50):
+        parse_token_query(padded + str(i))
+    assert not q._cache
+    for i in range(q.MAX_CACHED + 100):
+        parse_token_query(f"api-version=2018-02-01&resource=r{i}")
+    assert len(q._cache) <= q.MAX_CACHED
+    assert sum(len(k[0]) for k in q._cache) <= q.MAX_CACHED * q.MAX_CACHED_QUERY
