@@ -33,7 +33,7 @@ from nmi.config import OperationMode, Settings
 from . import manifests as m
 from .aad import AzureAdServer
 from .imds import ImdsServer
-from .kube_api import KubeApiServer
+from .kube import KubeApiServer
 from .tls import CertificateAuthority, make_client_certificate
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"

@@ -16,10 +16,11 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from nmi_sandbox.kube_api import KubeApiError, KubeApiServer
+from nmi_sandbox.kube import KubeApiError, KubeApiServer
 from nmi_sandbox.tls import CertificateAuthority
 
 AAD = "aadpodidentity.k8s.io"
+COORDINATION = "coordination.k8s.io"
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +62,44 @@ def pod(name: str, *, ns: str = "default", node: str = "n1", **labels: str) -> d
     }
 
 
-def configmap(name: str, ns: str = "default", **data: str) -> dict[str, Any]:
+def b64(**data: str) -> dict[str, str]:
+    """Secret ``data`` as stored and returned: the values base64-encoded."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+
+
+def secret(name: str, ns: str = "default", **data: str) -> dict[str, Any]:
+    """An Opaque Secret; ``data`` is given in clear."""
     return {
         "apiVersion": "v1",
-        "kind": "ConfigMap",
+        "kind": "Secret",
         "metadata": {"name": name, "namespace": ns},
-        "data": data,
+        "data": b64(**data),
     }
+
+
+def lease(name: str, ns: str = "kube-system", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{COORDINATION}/v1",
+        "kind": "Lease",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }
+
+
+def node(name: str, **labels: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"providerID": provider_id(name)},
+    }
+
+
+def provider_id(vm: str) -> str:
+    return (
+        "azure:///subscriptions/0000/resourceGroups/mc_rg/providers/Microsoft.Compute/"
+        f"virtualMachines/{vm}"
+    )
 
 
 def assigned_identity(name: str, node: str) -> dict[str, Any]:
@@ -91,8 +123,8 @@ async def next_event(stream: watch.Watch, timeout: float = 5.0) -> dict[str, Any
 
 
 async def raw_watch(api: client.ApiClient, **kwargs: Any) -> aiohttp.ClientResponse:
-    """A configmap watch as the daemon does it: the streamed response, read line by line."""
-    resp: aiohttp.ClientResponse = await client.CoreV1Api(api).list_namespaced_config_map(
+    """A secret watch as the daemon does it: the streamed response, read line by line."""
+    resp: aiohttp.ClientResponse = await client.CoreV1Api(api).list_namespaced_secret(
         "default", watch=True, _preload_content=False, **kwargs
     )
     return resp
@@ -146,7 +178,17 @@ async def test_discovery_and_health(kube: KubeApiServer, api: client.ApiClient) 
 
     groups = await client.ApisApi(api).get_api_versions()
     names = {g.name for g in groups.groups}
-    assert {AAD, "events.k8s.io"} <= names
+    assert {AAD, "events.k8s.io", COORDINATION} <= names
+
+    coordination = await client.CoordinationApi(api).get_api_group()
+    assert coordination.preferred_version.group_version == f"{COORDINATION}/v1"
+    leases = {
+        r.name: r for r in (await client.CoordinationV1Api(api).get_api_resources()).resources
+    }
+    assert leases["leases"].kind == "Lease" and leases["leases"].namespaced
+    assert sorted(leases["leases"].verbs) == sorted(
+        ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+    )
 
     aad = await client.CustomObjectsApi(api).get_api_resources(AAD, "v1")
     kinds = {r.name: r.kind for r in aad.resources}
@@ -225,10 +267,10 @@ async def test_create_get_list_with_selectors(kube: KubeApiServer, api: client.A
         await core.create_namespaced_pod("default", {"metadata": {"name": "bad"}, "spec": {}})
     assert err.value.status == 422 and status_of(err.value)["reason"] == "Invalid"
 
-    generated = await core.create_namespaced_config_map(
-        "default", {"metadata": {"generateName": "cm-"}, "data": {"k": "v"}}
+    generated = await core.create_namespaced_secret(
+        "default", {"metadata": {"generateName": "sec-"}, "data": b64(k="v")}
     )
-    assert generated.metadata.name.startswith("cm-") and len(generated.metadata.name) == 8
+    assert generated.metadata.name.startswith("sec-") and len(generated.metadata.name) == 9
 
     kube.create(assigned_identity("aai-1", "n1"))
     kube.create(assigned_identity("aai-2", "n2"))
@@ -301,56 +343,54 @@ async def test_direct_store_access(kube: KubeApiServer) -> None:
 async def test_pagination_and_expired_continue(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
     for i in range(5):
-        kube.create(configmap(f"cm-{i}"))
-    first = await core.list_namespaced_config_map("default", limit=2)
-    assert [c.metadata.name for c in first.items] == ["cm-0", "cm-1"]
+        kube.create(secret(f"s-{i}"))
+    first = await core.list_namespaced_secret("default", limit=2)
+    assert [c.metadata.name for c in first.items] == ["s-0", "s-1"]
     assert first.metadata._continue and first.metadata.remaining_item_count == 3
 
-    kube.create(configmap("cm-5"))  # not in the snapshot the pages are served from
-    kube.delete("v1", "ConfigMap", "cm-3", "default")
-    second = await core.list_namespaced_config_map(
+    kube.create(secret("s-5"))  # not in the snapshot the pages are served from
+    kube.delete("v1", "Secret", "s-3", "default")
+    second = await core.list_namespaced_secret(
         "default", limit=2, _continue=first.metadata._continue
     )
-    assert [c.metadata.name for c in second.items] == ["cm-2", "cm-3"]
+    assert [c.metadata.name for c in second.items] == ["s-2", "s-3"]
     assert second.metadata.resource_version == first.metadata.resource_version
-    third = await core.list_namespaced_config_map(
+    third = await core.list_namespaced_secret(
         "default", limit=2, _continue=second.metadata._continue
     )
-    assert [c.metadata.name for c in third.items] == ["cm-4"]
+    assert [c.metadata.name for c in third.items] == ["s-4"]
     assert not third.metadata._continue
 
-    again = await core.list_namespaced_config_map("default", limit=2)
+    again = await core.list_namespaced_secret("default", limit=2)
     kube.compact()
     with pytest.raises(ApiException) as err:
-        await core.list_namespaced_config_map(
-            "default", limit=2, _continue=again.metadata._continue
-        )
+        await core.list_namespaced_secret("default", limit=2, _continue=again.metadata._continue)
     assert err.value.status == 410
     assert status_of(err.value)["reason"] == "Expired"
 
 
 async def test_optimistic_concurrency(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
-    kube.create(configmap("cfg", k="1"))
-    current = await core.read_namespaced_config_map("cfg", "default")
+    kube.create(secret("cfg", k="1"))
+    current = await core.read_namespaced_secret("cfg", "default")
     stale_rv = current.metadata.resource_version
-    current.data = {"k": "2"}
-    updated = await core.replace_namespaced_config_map("cfg", "default", current)
+    current.data = b64(k="2")
+    updated = await core.replace_namespaced_secret("cfg", "default", current)
     assert int(updated.metadata.resource_version) > int(stale_rv)
 
-    current.data = {"k": "3"}
+    current.data = b64(k="3")
     current.metadata.resource_version = stale_rv
     with pytest.raises(ApiException) as err:
-        await core.replace_namespaced_config_map("cfg", "default", current)
+        await core.replace_namespaced_secret("cfg", "default", current)
     assert err.value.status == 409
     assert status_of(err.value)["reason"] == "Conflict"
     assert "the object has been modified" in status_of(err.value)["message"]
-    assert kube.get("v1", "ConfigMap", "cfg", "default")["data"] == {"k": "2"}  # type: ignore[index]
+    assert kube.get("v1", "Secret", "cfg", "default")["data"] == b64(k="2")  # type: ignore[index]
 
     with pytest.raises(KubeApiError) as direct:
         kube.replace(
             {
-                **configmap("cfg", k="4"),
+                **secret("cfg", k="4"),
                 "metadata": {"name": "cfg", "namespace": "default", "resourceVersion": stale_rv},
             }
         )
@@ -370,39 +410,41 @@ async def test_optimistic_concurrency(kube: KubeApiServer, api: client.ApiClient
 
 async def test_merge_and_json_patch(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
-    kube.create(configmap("cfg", a="1", b="2"))
-    merged = await core.patch_namespaced_config_map(
-        "cfg", "default", {"data": {"b": None, "c": "3"}, "metadata": {"labels": {"x": "y"}}}
+    kube.create(secret("cfg", a="1", b="2"))
+    merged = await core.patch_namespaced_secret(
+        "cfg",
+        "default",
+        {"data": {"b": None, **b64(c="3")}, "metadata": {"labels": {"x": "y"}}},
     )
-    assert merged.data == {"a": "1", "c": "3"} and merged.metadata.labels == {"x": "y"}
+    assert merged.data == b64(a="1", c="3") and merged.metadata.labels == {"x": "y"}
 
     rv = merged.metadata.resource_version
-    same = await core.patch_namespaced_config_map("cfg", "default", {"data": {"a": "1"}})
+    same = await core.patch_namespaced_secret("cfg", "default", {"data": b64(a="1")})
     assert same.metadata.resource_version == rv  # a no-op writes nothing
 
-    patched = await core.patch_namespaced_config_map(
+    patched = await core.patch_namespaced_secret(
         "cfg",
         "default",
         [
-            {"op": "test", "path": "/data/a", "value": "1"},
-            {"op": "replace", "path": "/data/a", "value": "10"},
-            {"op": "add", "path": "/data/d", "value": "4"},
+            {"op": "test", "path": "/data/a", "value": b64(a="1")["a"]},
+            {"op": "replace", "path": "/data/a", "value": b64(a="10")["a"]},
+            {"op": "add", "path": "/data/d", "value": b64(d="4")["d"]},
             {"op": "remove", "path": "/data/c"},
             {"op": "add", "path": "/metadata/labels/a~1b", "value": "z"},
         ],
     )
-    assert patched.data == {"a": "10", "d": "4"}
+    assert patched.data == b64(a="10", d="4")
     assert patched.metadata.labels == {"x": "y", "a/b": "z"}
 
     with pytest.raises(ApiException) as err:
-        await core.patch_namespaced_config_map(
-            "cfg", "default", [{"op": "test", "path": "/data/a", "value": "nope"}]
+        await core.patch_namespaced_secret(
+            "cfg", "default", [{"op": "test", "path": "/data/a", "value": "bm9wZQ=="}]
         )
     assert err.value.status == 422 and status_of(err.value)["reason"] == "Invalid"
 
     with pytest.raises(ApiException) as err:
-        await core.patch_namespaced_config_map(
-            "cfg", "default", {"metadata": {"resourceVersion": "1"}, "data": {"a": "x"}}
+        await core.patch_namespaced_secret(
+            "cfg", "default", {"metadata": {"resourceVersion": "1"}, "data": b64(a="x")}
         )
     assert err.value.status == 409
 
@@ -424,6 +466,17 @@ async def test_merge_and_json_patch(kube: KubeApiServer, api: client.ApiClient) 
             AAD, "v1", "default", "azureassignedidentities", "aai", {"spec": {"Pod": "p3"}}
         )
     assert err.value.status == 400
+    with pytest.raises(ApiException) as err:  # no strategic merge for custom resources
+        await custom.patch_namespaced_custom_object(
+            AAD,
+            "v1",
+            "default",
+            "azureassignedidentities",
+            "aai",
+            {"spec": {"Pod": "p3"}},
+            _content_type="application/strategic-merge-patch+json",
+        )
+    assert err.value.status == 415 and status_of(err.value)["reason"] == "UnsupportedMediaType"
 
 
 async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) -> None:
@@ -495,26 +548,24 @@ async def test_status_subresource(kube: KubeApiServer, api: client.ApiClient) ->
 
 async def test_finalizers_delay_deletion(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
-    cm = configmap("held")
-    cm["metadata"]["finalizers"] = ["example.com/hold"]
-    created = kube.create(cm)
+    held = secret("held")
+    held["metadata"]["finalizers"] = ["example.com/hold"]
+    created = kube.create(held)
     resp = await raw_watch(api, resource_version=created["metadata"]["resourceVersion"])
     try:
-        raw = await core.delete_namespaced_config_map("held", "default", _preload_content=False)
+        raw = await core.delete_namespaced_secret("held", "default", _preload_content=False)
         deleting = await raw.json()  # the object itself while finalizers are pending
-        assert deleting["kind"] == "ConfigMap" and deleting["metadata"]["deletionTimestamp"]
+        assert deleting["kind"] == "Secret" and deleting["metadata"]["deletionTimestamp"]
         event = await read_line(resp)
         assert event is not None and event["type"] == "MODIFIED"
         assert event["object"]["metadata"]["deletionTimestamp"]
-        assert (await core.read_namespaced_config_map("held", "default")).metadata.finalizers
+        assert (await core.read_namespaced_secret("held", "default")).metadata.finalizers
 
-        await core.patch_namespaced_config_map(
-            "held", "default", {"metadata": {"finalizers": None}}
-        )
+        await core.patch_namespaced_secret("held", "default", {"metadata": {"finalizers": None}})
         event = await read_line(resp)
         assert event is not None and event["type"] == "DELETED"
         with pytest.raises(ApiException) as err:
-            await core.read_namespaced_config_map("held", "default")
+            await core.read_namespaced_secret("held", "default")
         assert err.value.status == 404 and status_of(err.value)["reason"] == "NotFound"
     finally:
         resp.close()
@@ -522,11 +573,11 @@ async def test_finalizers_delay_deletion(kube: KubeApiServer, api: client.ApiCli
 
 async def test_namespace_deletion_removes_contents(kube: KubeApiServer) -> None:
     kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gone"}})
-    kube.create(configmap("c", ns="gone"))
+    kube.create(secret("c", ns="gone"))
     kube.create(pod("p", ns="gone"))
     kube.delete("v1", "Namespace", "gone")
     assert kube.get("v1", "Namespace", "gone") is None
-    assert kube.list("v1", "ConfigMap", "gone") == [] and kube.list("v1", "Pod", "gone") == []
+    assert kube.list("v1", "Secret", "gone") == [] and kube.list("v1", "Pod", "gone") == []
     with pytest.raises(KubeApiError) as err:
         kube.delete("v1", "Namespace", "default")
     assert err.value.code == 403
@@ -562,9 +613,9 @@ async def test_watch_from_zero_then_live(kube: KubeApiServer, api: client.ApiCli
 async def test_watch_resumes_from_resource_version(
     kube: KubeApiServer, api: client.ApiClient
 ) -> None:
-    a = kube.create(configmap("a"))
-    kube.patch("v1", "ConfigMap", "a", "default", {"data": {"v": "2"}})
-    kube.create(configmap("b"))
+    a = kube.create(secret("a"))
+    kube.patch("v1", "Secret", "a", "default", {"data": b64(v="2")})
+    kube.create(secret("b"))
     resp = await raw_watch(api, resource_version=a["metadata"]["resourceVersion"])
     try:
         events = [await read_line(resp), await read_line(resp)]
@@ -572,8 +623,8 @@ async def test_watch_resumes_from_resource_version(
             ("MODIFIED", "a"),
             ("ADDED", "b"),
         ]
-        assert all(e and e["object"]["kind"] == "ConfigMap" for e in events)
-        kube.create(configmap("c"))
+        assert all(e and e["object"]["kind"] == "Secret" for e in events)
+        kube.create(secret("c"))
         live = await read_line(resp)
         assert live is not None and live["object"]["metadata"]["name"] == "c"
     finally:
@@ -583,8 +634,8 @@ async def test_watch_resumes_from_resource_version(
 async def test_watch_too_old_resource_version_after_compact(
     kube: KubeApiServer, api: client.ApiClient
 ) -> None:
-    old = kube.create(configmap("a"))["metadata"]["resourceVersion"]
-    kube.create(configmap("b"))
+    old = kube.create(secret("a"))["metadata"]["resourceVersion"]
+    kube.create(secret("b"))
     kube.compact()
     resp = await raw_watch(api, resource_version=old)
     try:
@@ -599,7 +650,7 @@ async def test_watch_too_old_resource_version_after_compact(
 
     async with watch.Watch() as w:
         stream = w.stream(
-            client.CoreV1Api(api).list_namespaced_config_map,
+            client.CoreV1Api(api).list_namespaced_secret,
             "default",
             resource_version=old,
             timeout_seconds=5,
@@ -611,7 +662,7 @@ async def test_watch_too_old_resource_version_after_compact(
     # the current resourceVersion is still resumable
     resp = await raw_watch(api, resource_version=kube.resource_version)
     try:
-        kube.create(configmap("c"))
+        kube.create(secret("c"))
         event = await read_line(resp)
         assert event is not None and event["type"] == "ADDED"
     finally:
@@ -619,7 +670,7 @@ async def test_watch_too_old_resource_version_after_compact(
 
 
 async def test_bookmarks_and_timeout(kube: KubeApiServer, api: client.ApiClient) -> None:
-    kube.create(configmap("a"))
+    kube.create(secret("a"))
     resp = await raw_watch(api, allow_watch_bookmarks=True, timeout_seconds=2)
     try:
         added = await read_line(resp)
@@ -627,7 +678,7 @@ async def test_bookmarks_and_timeout(kube: KubeApiServer, api: client.ApiClient)
         bookmark = await read_line(resp, timeout=2)
         assert bookmark is not None and bookmark["type"] == "BOOKMARK"
         assert bookmark["object"] == {
-            "kind": "ConfigMap",
+            "kind": "Secret",
             "apiVersion": "v1",
             "metadata": {"resourceVersion": kube.resource_version},
         }
@@ -659,21 +710,21 @@ async def test_label_selector_move_in_and_out(kube: KubeApiServer, api: client.A
 
 async def test_restart_keeps_state_and_port(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
-    kube.create(configmap("before"))
+    kube.create(secret("before", k="v"))
     last_rv = kube.resource_version
     port = kube.port
     open_watch = await raw_watch(api, resource_version=last_rv)
     try:
-        await kube.wait_for_watchers("configmaps")
+        await kube.wait_for_watchers("secrets")
         await kube.restart(downtime=0.1)
         assert await read_line(open_watch) is None  # the old stream was closed
     finally:
         open_watch.close()
     assert kube.port == port and kube.url.endswith(f":{port}")
     assert kube.resource_version == last_rv
-    assert (await core.read_namespaced_config_map("before", "default")).data == {}
+    assert (await core.read_namespaced_secret("before", "default")).data == b64(k="v")
 
-    kube.create(configmap("after"))
+    kube.create(secret("after"))
     resp = await raw_watch(api, resource_version=last_rv)
     try:
         event = await read_line(resp)
@@ -685,18 +736,18 @@ async def test_restart_keeps_state_and_port(kube: KubeApiServer, api: client.Api
 
 async def test_drop_watches_ends_streams(kube: KubeApiServer, api: client.ApiClient) -> None:
     core = client.CoreV1Api(api)
-    kube.create(configmap("a"))
+    kube.create(secret("a"))
     async with watch.Watch() as w:
-        stream = w.stream(core.list_namespaced_config_map, "default", timeout_seconds=60)
+        stream = w.stream(core.list_namespaced_secret, "default", timeout_seconds=60)
         assert (await next_event(stream))["type"] == "ADDED"
         resp = await raw_watch(api, resource_version=kube.resource_version)
-        await kube.wait_for_watchers("configmaps", 2)
+        await kube.wait_for_watchers("secrets", 2)
         kube.drop_watches()
         with pytest.raises(StopAsyncIteration):
             await next_event(stream)
         assert await read_line(resp) is None
         resp.close()
-    assert kube.requests["WATCH configmaps"] == 2
+    assert kube.requests["WATCH secrets"] == 2
 
 
 async def test_events_in_both_api_groups(kube: KubeApiServer, api: client.ApiClient) -> None:
@@ -753,3 +804,269 @@ async def test_events_in_both_api_groups(kube: KubeApiServer, api: client.ApiCli
             ),
         )
     assert err.value.status == 422
+
+
+# --------------------------------------------------------------------------- leases and nodes
+
+
+async def test_lease_leader_election(kube: KubeApiServer, api: client.ApiClient) -> None:
+    """GET, create on 404, PUT with the resourceVersion read, 409 on a stale one."""
+    coord = client.CoordinationV1Api(api)
+    with pytest.raises(ApiException) as err:
+        await coord.read_namespaced_lease("nmi-mic", "kube-system")
+    assert err.value.status == 404
+    assert status_of(err.value)["message"] == f'leases.{COORDINATION} "nmi-mic" not found'
+    assert status_of(err.value)["details"] == {
+        "name": "nmi-mic",
+        "group": COORDINATION,
+        "kind": "leases",
+    }
+
+    acquired = datetime.datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=datetime.UTC)
+    spec = client.V1LeaseSpec(
+        holder_identity="mic-a",
+        lease_duration_seconds=15,
+        acquire_time=acquired,
+        renew_time=acquired,
+        lease_transitions=0,
+    )
+    created = await coord.create_namespaced_lease(
+        "kube-system", client.V1Lease(metadata=client.V1ObjectMeta(name="nmi-mic"), spec=spec)
+    )
+    assert created.spec.holder_identity == "mic-a" and created.spec.renew_time == acquired
+    raw = await coord.read_namespaced_lease("nmi-mic", "kube-system", _preload_content=False)
+    body = await raw.json()
+    assert (body["kind"], body["apiVersion"]) == ("Lease", f"{COORDINATION}/v1")
+    assert body["spec"] == {
+        "holderIdentity": "mic-a",
+        "leaseDurationSeconds": 15,
+        "acquireTime": "2024-05-01T10:00:00.123456Z",  # MicroTime: UTC, six digits
+        "renewTime": "2024-05-01T10:00:00.123456Z",
+        "leaseTransitions": 0,
+    }
+
+    # a second candidate loses the race to create
+    with pytest.raises(ApiException) as err:
+        await coord.create_namespaced_lease(
+            "kube-system", lease("nmi-mic", holderIdentity="mic-b", leaseDurationSeconds=15)
+        )
+    assert err.value.status == 409 and status_of(err.value)["reason"] == "AlreadyExists"
+
+    # both candidates read the same version; the holder renews first...
+    mine = await coord.read_namespaced_lease("nmi-mic", "kube-system")
+    theirs = await coord.read_namespaced_lease("nmi-mic", "kube-system")
+    renewed_at = acquired + datetime.timedelta(seconds=5, microseconds=1)
+    mine.spec.renew_time = renewed_at
+    renewed = await coord.replace_namespaced_lease("nmi-mic", "kube-system", mine)
+    assert int(renewed.metadata.resource_version) > int(theirs.metadata.resource_version)
+    assert renewed.spec.renew_time == renewed_at and renewed.spec.acquire_time == acquired
+
+    # ...so the other's takeover, sent with the stale resourceVersion, is refused
+    theirs.spec.holder_identity = "mic-b"
+    theirs.spec.lease_transitions = 1
+    with pytest.raises(ApiException) as err:
+        await coord.replace_namespaced_lease("nmi-mic", "kube-system", theirs)
+    assert err.value.status == 409
+    assert status_of(err.value)["reason"] == "Conflict"
+    assert status_of(err.value)["message"] == (
+        f'Operation cannot be fulfilled on leases.{COORDINATION} "nmi-mic": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    )
+    current = await coord.read_namespaced_lease("nmi-mic", "kube-system")
+    assert current.spec.holder_identity == "mic-a"
+    assert current.metadata.resource_version == renewed.metadata.resource_version
+    stale = kube.get(f"{COORDINATION}/v1", "Lease", "nmi-mic", "kube-system")
+    assert stale is not None
+    stale["metadata"]["resourceVersion"] = theirs.metadata.resource_version
+    with pytest.raises(KubeApiError) as direct:
+        kube.replace(stale)
+    assert direct.value.code == 409 and direct.value.reason == "Conflict"
+
+    # once the lease has expired, a takeover from the latest version goes through
+    current.spec.holder_identity = "mic-b"
+    current.spec.lease_transitions = 1
+    current.spec.acquire_time = current.spec.renew_time = acquired + datetime.timedelta(minutes=1)
+    taken = await coord.replace_namespaced_lease("nmi-mic", "kube-system", current)
+    assert (taken.spec.holder_identity, taken.spec.lease_transitions) == ("mic-b", 1)
+    assert int(taken.metadata.resource_version) > int(renewed.metadata.resource_version)
+
+    # release (a built-in kind: strategic merge patch accepted), then delete
+    released = await coord.patch_namespaced_lease(
+        "nmi-mic", "kube-system", {"spec": {"holderIdentity": ""}}
+    )
+    assert released.spec.holder_identity == "" and released.spec.lease_transitions == 1
+    await coord.delete_namespaced_lease("nmi-mic", "kube-system")
+    assert kube.get(f"{COORDINATION}/v1", "Lease", "nmi-mic", "kube-system") is None
+    assert kube.requests["PUT leases"] == 3 and kube.requests["POST leases"] == 2
+
+
+async def test_lease_micro_time_and_validation(kube: KubeApiServer, api: client.ApiClient) -> None:
+    coord = client.CoordinationV1Api(api)
+    raw = await coord.create_namespaced_lease(
+        "kube-system",
+        lease("l", holderIdentity=None, renewTime="2024-05-01T12:00:00.123456+02:00"),
+        _preload_content=False,
+    )
+    assert raw.status == 201
+    assert (await raw.json())["spec"] == {"renewTime": "2024-05-01T10:00:00.123456Z"}
+    bare = kube.create(
+        {"apiVersion": f"{COORDINATION}/v1", "kind": "Lease", "metadata": {"name": "b"}}
+    )
+    assert bare["spec"] == {} and bare["metadata"]["namespace"] == "default"
+    updated = kube.patch(
+        f"{COORDINATION}/v1",
+        "Lease",
+        "b",
+        "default",
+        {"spec": {"acquireTime": "2024-05-01T23:30:00.000000-01:00"}},
+    )
+    assert updated["spec"] == {"acquireTime": "2024-05-02T00:30:00.000000Z"}
+
+    # metav1.MicroTime parses RFC3339Micro only: six fractional digits and a zone
+    for when in (
+        "2024-05-01T12:00:00Z",
+        "2024-05-01T12:00:00.123Z",
+        "2024-05-01T12:00:00.123456789Z",
+        "2024-05-01T12:00:00.123456",
+        "2024-05-01 12:00:00.123456Z",
+        "2024-13-01T12:00:00.123456Z",
+    ):
+        with pytest.raises(ApiException) as err:
+            await coord.create_namespaced_lease("kube-system", lease("t", renewTime=when))
+        assert err.value.status == 400, when
+        assert status_of(err.value)["message"] == (
+            'Lease in version "v1" cannot be handled as a Lease: parsing time '
+            f'"{when}" as "2006-01-02T15:04:05.000000Z07:00"'
+        )
+    # datetime.isoformat() drops a zero microsecond part: the real server refuses that too
+    whole = datetime.datetime(2024, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
+    with pytest.raises(ApiException) as err:
+        await coord.create_namespaced_lease(
+            "kube-system",
+            client.V1Lease(
+                metadata=client.V1ObjectMeta(name="t"), spec=client.V1LeaseSpec(renew_time=whole)
+            ),
+        )
+    assert err.value.status == 400
+
+    with pytest.raises(ApiException) as err:
+        await coord.create_namespaced_lease("kube-system", lease("t", leaseDurationSeconds="15"))
+    assert err.value.status == 400 and status_of(err.value)["message"] == (
+        'Lease in version "v1" cannot be handled as a Lease: json: cannot unmarshal string into '
+        "Go struct field LeaseSpec.spec.leaseDurationSeconds of type int32"
+    )
+    with pytest.raises(ApiException) as err:
+        await coord.create_namespaced_lease(
+            "kube-system", lease("t", leaseDurationSeconds=0, leaseTransitions=-1)
+        )
+    assert err.value.status == 422
+    invalid = status_of(err.value)
+    assert invalid["reason"] == "Invalid"
+    assert invalid["message"] == (
+        f'Lease.{COORDINATION} "t" is invalid: [spec.leaseDurationSeconds: Invalid value: 0: '
+        "must be greater than 0, spec.leaseTransitions: Invalid value: -1: must be greater than "
+        "or equal to 0]"
+    )
+    assert [c["field"] for c in invalid["details"]["causes"]] == [
+        "spec.leaseDurationSeconds",
+        "spec.leaseTransitions",
+    ]
+    with pytest.raises(KubeApiError) as direct:
+        kube.patch(
+            f"{COORDINATION}/v1", "Lease", "b", "default", {"spec": {"leaseTransitions": -2}}
+        )
+    assert direct.value.code == 422
+    assert kube.list(f"{COORDINATION}/v1", "Lease", "kube-system") != []
+    assert [x["metadata"]["name"] for x in kube.list(f"{COORDINATION}/v1", "Lease")] == ["b", "l"]
+
+
+async def test_lease_watch(kube: KubeApiServer, api: client.ApiClient) -> None:
+    coord = client.CoordinationV1Api(api)
+    kube.create(lease("elsewhere", ns="default", holderIdentity="x"))  # another namespace
+    async with watch.Watch() as w:
+        stream = w.stream(coord.list_namespaced_lease, "kube-system", timeout_seconds=30)
+        task = asyncio.ensure_future(next_event(stream))
+        await kube.wait_for_watchers("leases")
+        await coord.create_namespaced_lease(
+            "kube-system", lease("nmi-mic", holderIdentity="mic-a", leaseDurationSeconds=15)
+        )
+        added = await task
+        assert added["type"] == "ADDED" and added["object"].spec.holder_identity == "mic-a"
+        created_rv = added["object"].metadata.resource_version
+
+        current = await coord.read_namespaced_lease("nmi-mic", "kube-system")
+        current.spec.holder_identity = "mic-b"
+        await coord.replace_namespaced_lease("nmi-mic", "kube-system", current)
+        modified = await next_event(stream)
+        assert modified["type"] == "MODIFIED" and modified["object"].spec.holder_identity == "mic-b"
+        assert modified["object"].metadata.resource_version == kube.resource_version
+
+        await coord.delete_namespaced_lease("nmi-mic", "kube-system")
+        deleted = await next_event(stream)
+        assert deleted["type"] == "DELETED" and deleted["object"].metadata.name == "nmi-mic"
+    assert kube.requests["WATCH leases"] == 1
+
+    # resumed from the create: the rest of the history, then live events
+    raw = await coord.list_namespaced_lease(
+        "kube-system", watch=True, resource_version=created_rv, _preload_content=False
+    )
+    try:
+        events = [await read_line(raw), await read_line(raw)]
+        assert [(e["type"], e["object"]["kind"]) for e in events if e] == [
+            ("MODIFIED", "Lease"),
+            ("DELETED", "Lease"),
+        ]
+        kube.create(lease("again", holderIdentity="mic-c"))
+        live = await read_line(raw)
+        assert live is not None and live["type"] == "ADDED"
+        assert live["object"]["spec"] == {"holderIdentity": "mic-c"}
+    finally:
+        raw.close()
+
+
+async def test_nodes_provider_id_and_name_selector(
+    kube: KubeApiServer, api: client.ApiClient
+) -> None:
+    core = client.CoreV1Api(api)
+    kube.create(node("n1", agentpool="a"))
+    created = await core.create_node(
+        client.V1Node(
+            metadata=client.V1ObjectMeta(name="n2"),
+            spec=client.V1NodeSpec(provider_id=provider_id("n2")),
+        )
+    )
+    assert created.spec.provider_id == provider_id("n2")
+    got = await core.read_node("n1")
+    assert got.spec.provider_id == provider_id("n1")
+
+    async def names(selector: str) -> list[tuple[str, str]]:
+        result = await core.list_node(field_selector=selector)
+        return [(n.metadata.name, n.spec.provider_id) for n in result.items]
+
+    assert await names("metadata.name=n1") == [("n1", provider_id("n1"))]
+    assert await names("metadata.name!=n1") == [("n2", provider_id("n2"))]
+    assert await names("metadata.name=n3") == []
+    with pytest.raises(ApiException) as err:
+        await core.list_node(field_selector="metadata.namespace=default")  # cluster-scoped
+    assert err.value.status == 400
+    assert status_of(err.value)["message"] == "field label not supported: metadata.namespace"
+
+    got.metadata.labels = {"agentpool": "b"}
+    replaced = await core.replace_node("n1", got)
+    assert replaced.spec.provider_id == provider_id("n1")
+    assert replaced.metadata.labels == {"agentpool": "b"}
+
+    async with watch.Watch() as w:
+        stream = w.stream(core.list_node, field_selector="metadata.name=n1", timeout_seconds=30)
+        first = await next_event(stream)
+        assert (first["type"], first["object"].metadata.name) == ("ADDED", "n1")
+        assert first["object"].spec.provider_id == provider_id("n1")
+        kube.patch("v1", "Node", "n2", None, {"metadata": {"labels": {"x": "1"}}})  # not seen
+        kube.patch("v1", "Node", "n1", None, {"metadata": {"labels": {"x": "1"}}})
+        modified = await next_event(stream)
+        assert (modified["type"], modified["object"].metadata.name) == ("MODIFIED", "n1")
+        assert modified["object"].metadata.labels == {"agentpool": "b", "x": "1"}
+        kube.delete("v1", "Node", "n2")  # not seen
+        kube.delete("v1", "Node", "n1")
+        deleted = await next_event(stream)
+        assert (deleted["type"], deleted["object"].metadata.name) == ("DELETED", "n1")

@@ -182,7 +182,5 @@ def test_the_request_path_imports_nothing_of_the_command_line(entry: str) -> Non
 
 def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     """The test above can fail: a cycle and an upward edge are found in a made-up graph."""
-    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [
-        ["a", "b", "c"]
-    ]
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert layer_of("nmi.kube.informer") < layer_of("nmi.imds.routes")
