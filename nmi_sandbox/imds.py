@@ -5,7 +5,7 @@ client of the *node's* IMDS (user-assigned managed identities, identity type 0,
 and the node identity for exception pods), and it proxies the non-identity
 metadata paths.  No VM exists here, so this module serves the node IMDS on
 plain HTTP - as the real one does - with the behaviour real clients and the
-daemon rely on (see ``CONTRACT.md``):
+daemon rely on (see docs/imds-contract.md):
 
 * ``GET /metadata/identity/oauth2/token`` - ``Metadata: true`` required (checked
   first), ``api-version`` and ``resource`` required, identity selectors
@@ -19,6 +19,10 @@ daemon rely on (see ``CONTRACT.md``):
   requests; the daemon must not add that header);
 * the managed-identity limits: 5 concurrent requests and 20 requests per
   second, beyond which 429 with ``Retry-After``;
+* optionally (``identities_on_node``), only the user-assigned identities the
+  node's VM or scale set carries in ARM - e.g.
+  :meth:`nmi_sandbox.arm.ArmServer.client_ids_on_node` - are served: any other
+  is "Identity not found", as on Azure before MIC has assigned it;
 * ``/metadata/instance`` (and sub-paths, ``format=json|text``),
   ``/metadata/versions`` and ``/metadata/scheduledevents`` with realistic
   bodies; everything else is a JSON 404.
@@ -302,6 +306,7 @@ class ImdsServer:
         enforce_limits: bool = True,
         tenant_id: str = DEFAULT_TENANT_ID,
         signer: TokenSigner | None = None,
+        identities_on_node: Callable[[], set[str]] | None = None,
     ) -> None:
         self._host = host
         self._requested_port = port
@@ -333,6 +338,9 @@ class ImdsServer:
         self.latency: float = 0.0
         #: The ``/metadata/instance`` document.
         self.instance_metadata: dict[str, Any] = default_instance_metadata()
+        #: Client ids of the user-assigned identities on the node's VM or scale set,
+        #: asked on every token request; None serves every added user-assigned identity.
+        self.identities_on_node: Callable[[], set[str]] | None = identities_on_node
 
         #: Token requests that resolved an identity, by (identity client_id, resource).
         self.token_requests: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -692,14 +700,23 @@ class ImdsServer:
             }
         )
 
+    def _user_assigned_on_node(self) -> list[ManagedIdentity]:
+        """The added user-assigned identities the node carries (all without the hook)."""
+        identities = list(self._user_assigned.values())
+        if self.identities_on_node is None:
+            return identities
+        on_node = {client_id.casefold() for client_id in self.identities_on_node()}
+        return [i for i in identities if i.client_id.casefold() in on_node]
+
     def _select(self, selectors: Mapping[str, str]) -> tuple[ManagedIdentity | None, str]:
         not_found = "Identity not found"
+        user_assigned = self._user_assigned_on_node()
         if not selectors:
             if self._system_assigned is not None:
                 return self._system_assigned, ""
-            if len(self._user_assigned) == 1:
-                return next(iter(self._user_assigned.values())), ""
-            if len(self._user_assigned) > 1:
+            if len(user_assigned) == 1:
+                return user_assigned[0], ""
+            if len(user_assigned) > 1:
                 return None, (
                     "Multiple user assigned identities exist, please specify the clientId / "
                     "resourceId of the identity in the token request"
@@ -707,7 +724,8 @@ class ImdsServer:
             return None, not_found
         ((name, value),) = selectors.items()
         wanted = value.casefold()
-        for identity in self.identities:
+        system = [self._system_assigned] if self._system_assigned else []
+        for identity in [*system, *user_assigned]:
             if name == "client_id":
                 candidate = identity.client_id
             elif name == "object_id":
