@@ -91,8 +91,8 @@ class MetadataProxy:
                 data=body or None,
                 allow_redirects=False,
             ) as upstream:
-                payload = await upstream.content.read(MAX_BODY + 1)
-                if len(payload) > MAX_BODY:
+                payload = await _read_bounded(upstream.content, MAX_BODY)
+                if payload is None:
                     return replies.error(502, "bad_gateway", "Upstream response too large")
                 return Reply(
                     upstream.status,
@@ -107,3 +107,17 @@ class MetadataProxy:
             return replies.error(502, "bad_gateway", "The node metadata service did not answer")
         except asyncio.CancelledError:
             raise
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` (never more is held)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)

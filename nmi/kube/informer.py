@@ -123,6 +123,11 @@ class Informer(Generic[T]):
                 log.info(
                     "%s: resourceVersion %s expired, re-listing", self.name, self.resource_version
                 )
+                if need_list:
+                    # The LIST itself answered 410 (a continue token expired mid-way):
+                    # start over, but not in a tight loop if the server keeps doing so.
+                    await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311
+                    backoff = min(backoff * 2, self.backoff_max)
                 need_list = True
                 self.watch_restarts += 1
             except asyncio.CancelledError:
@@ -243,7 +248,10 @@ class Informer(Generic[T]):
             raise ApiError(
                 int(code or 500), str(raw.get("message", "")) if isinstance(raw, Mapping) else ""
             )
-        meta = raw.get("metadata") or {}
+        meta = raw.get("metadata") if isinstance(raw, Mapping) else None
+        if not isinstance(meta, Mapping):
+            log.warning("%s: watch event without object metadata skipped", self.name)
+            return
         rv = meta.get("resourceVersion")
         if kind == "BOOKMARK":
             if rv:
@@ -265,8 +273,11 @@ class Informer(Generic[T]):
                 self.handler(DELETED, previous, None)
 
     def _parse(self, raw: Mapping[str, Any]) -> tuple[str | None, T]:
-        meta = raw.get("metadata") or {}
-        ns, name = meta.get("namespace") or "", meta.get("name") or ""
+        meta = raw.get("metadata") if isinstance(raw, Mapping) else None
+        if not isinstance(meta, Mapping):
+            log.warning("%s: object without metadata skipped", self.name)
+            return None, None  # type: ignore[return-value]
+        ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         try:
             obj = self.parse(raw)
         except Exception as exc:
