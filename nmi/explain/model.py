@@ -47,7 +47,7 @@ from ..kube.index import ClusterIndex
 from ..kube.objects import AzureIdentity, Pod
 from ..ops.last_errors import LastError, LastErrors
 from ..ops.logs import redact_id as redact
-from ..tokens.cache import SERVE_FLOOR, CachedEntry, TokenCache
+from ..tokens.cache import CLIENT_MARGIN, CachedEntry, TokenCache
 from ..tokens.service import TokenService, node_selector_key
 
 JSONDict = dict[str, Any]
@@ -359,7 +359,8 @@ def cache_doc(
             "resource": key.resource,
             "present": True,
             "remaining_seconds": int(remaining),
-            "servable": remaining > SERVE_FLOOR,
+            "servable": remaining > 0,
+            "clients_refetch": remaining <= CLIENT_MARGIN,
             "refresh_due": now >= entry.refresh_at,
             "refresh_in_seconds": max(int(entry.refresh_at - now), 0),
             "last_used_seconds_ago": int(now - entry.last_used) if entry.last_used else None,

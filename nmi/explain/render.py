@@ -161,7 +161,12 @@ def render_text(report: JSONDict, exit_code: int) -> str:
                         continue
                     add(
                         f"    {e['resource']}: {e['remaining_seconds']}s left"
-                        + ("" if e["servable"] else " (too close to expiry to serve)")
+                        + (
+                            ""
+                            if not e["servable"] or not e.get("clients_refetch")
+                            else " (under 5 minutes: SDKs ask again on every call)"
+                        )
+                        + ("" if e["servable"] else " (expired)")
                         + ", refresh "
                         + ("due" if e["refresh_due"] else f"in {e['refresh_in_seconds']}s")
                         + (" (refreshing now)" if e.get("refreshing") else "")

@@ -21,8 +21,10 @@ from ..config import Settings
 from ..identity.caller import CallerProblem
 from ..identity.decide import Decision, Deny, IdentitySelector, Wait, owner_of
 from ..kube.objects import AzureIdentity
+from ..kube.secrets import SecretUnavailable
 from ..ops import events
 from ..ratelimit import TokenBucket
+from ..tokens.credentials import CredentialError
 from ..tokens.model import UpstreamError
 from . import replies
 from .messages import Reply
@@ -145,7 +147,9 @@ def upstream(exc: UpstreamError, decision: Decision, resource: str) -> Failure:
         reply = replies.json_reply(
             400, {"error": exc.error or "invalid_request", "error_description": exc.description}
         )
-    detail = f": {exc.description}" if exc.description else ""
+    # Azure AD repeats client ids in its descriptions: the pod gets them as sent (they
+    # are its own identity's), the Event and `nmi explain` only redacted.
+    detail = f": {events.scrub(exc.description)}" if exc.description else ""
     return Failure(
         reply=reply,
         reason=reason,
@@ -172,6 +176,18 @@ def misconfigured(detail: str, decision: Decision, resource: str) -> Failure:
         owner=owner_of(decision),
         summary=f"identity misconfigured: {detail}",
     )
+
+
+def from_exception(exc: Exception, decision: Decision, resource: str) -> Failure | None:
+    """The failure of getting a token, the same for the request that made the upstream
+    call and for every request that joined it; None for an exception nmi does not map."""
+    if isinstance(exc, UpstreamError):
+        return upstream(exc, decision, resource)
+    if isinstance(exc, CredentialError):
+        return misconfigured(str(exc), decision, resource)
+    if isinstance(exc, SecretUnavailable):
+        return credential_unavailable(str(exc), decision, resource)
+    return None
 
 
 def credential_unavailable(detail: str, decision: Decision, resource: str) -> Failure:

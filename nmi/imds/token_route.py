@@ -183,56 +183,72 @@ class TokenRoute:
             access.identity, access.cache = served.identity, "hit"
             return served
         selector = query.selector
+        requester = pod.meta.uid_or_key
         decision = self.resolver.decide_now(pod, selector)
-        if isinstance(decision, Grant | UseNodeIdentity):
-            with contextlib.suppress(UpstreamNotAllowed, CredentialError, SecretUnavailable):
-                joined = await self._token_for(decision, query, access, upstream=False)
-                if joined is not None:
-                    return joined
-        if self.pod_limits is not None and (not isinstance(decision, Deny) or selector.object_id):
-            # Upstream calls or a wait lie ahead: they are what the per-pod budget limits.
-            over = self.pod_limits.take(pod.meta.uid_or_key)
-            if over is not None:
-                limited = failures.over_budget(over)
-                self.books.failed(pod, limited, access)
-                return limited.reply
-        decision, waited = await self.resolver.resolve(pod, selector)
-        access.waited_ms = waited * 1000
-        self.books.waited(waited, decision)
-        if (
-            selector.object_id
-            and isinstance(decision, Deny)
-            and decision.kind == "not_found"
-            and await self._learn_object_ids(pod, query.resource)
-        ):
-            decision = self.resolver.decide_now(pod, selector)
-        failure: failures.Failure
         try:
-            served = await self._token_for(decision, query, access, upstream=True)
-            if served is not None:
-                return served
-            assert isinstance(decision, Deny | Wait)  # granting decisions returned above
-            self.books.denied(decision.kind if isinstance(decision, Deny) else "not_assigned")
-            failure = failures.refused(
-                decision, resource=query.resource, selector=selector, settings=self.settings
+            if isinstance(decision, Grant | UseNodeIdentity):
+                with contextlib.suppress(UpstreamNotAllowed):
+                    joined = await self._token_for(
+                        decision, query, access, requester=requester, upstream=False
+                    )
+                    if joined is not None:
+                        return joined
+            if self.pod_limits is not None and (
+                not isinstance(decision, Deny) or selector.object_id
+            ):
+                # Upstream calls or a wait lie ahead: they are what the per-pod budget limits.
+                over = self.pod_limits.take(requester)
+                if over is not None:
+                    return self._failed(pod, failures.over_budget(over), access)
+            decision, waited = await self.resolver.resolve(pod, selector)
+            access.waited_ms = waited * 1000
+            self.books.waited(waited, decision)
+            if (
+                selector.object_id
+                and isinstance(decision, Deny)
+                and decision.kind == "not_found"
+                and await self._learn_object_ids(pod, query.resource)
+            ):
+                decision = self.resolver.decide_now(pod, selector)
+            served = await self._token_for(
+                decision, query, access, requester=requester, upstream=True
             )
-        except UpstreamError as exc:
-            failure = failures.upstream(exc, decision, query.resource)
-        except CredentialError as exc:
-            failure = failures.misconfigured(str(exc), decision, query.resource)
-        except SecretUnavailable as exc:
-            failure = failures.credential_unavailable(str(exc), decision, query.resource)
+        except (UpstreamError, CredentialError, SecretUnavailable) as exc:
+            failure = failures.from_exception(exc, decision, query.resource)
+            assert failure is not None
+            return self._failed(pod, failure, access)
+        if served is not None:
+            return served
+        assert isinstance(decision, Deny | Wait)  # granting decisions returned above
+        self.books.denied(decision.kind if isinstance(decision, Deny) else "not_assigned")
+        return self._failed(
+            pod,
+            failures.refused(
+                decision, resource=query.resource, selector=selector, settings=self.settings
+            ),
+            access,
+        )
+
+    def _failed(self, pod: Pod, failure: failures.Failure, access: Access) -> Reply:
         self.books.failed(pod, failure, access)
         return failure.reply
 
     async def _token_for(
-        self, decision: Decision, query: TokenQuery, access: Access, *, upstream: bool
+        self,
+        decision: Decision,
+        query: TokenQuery,
+        access: Access,
+        *,
+        requester: str,
+        upstream: bool,
     ) -> Served | None:
         """The token a granting decision leads to (None for other decisions)."""
         if isinstance(decision, Grant):
             identity = decision.identity
             access.identity = identity.meta.key
-            token, hit = await self.tokens.for_identity(identity, query.resource, upstream=upstream)
+            token, hit = await self.tokens.for_identity(
+                identity, query.resource, requester=requester, upstream=upstream
+            )
             access.cache = "hit" if hit else "miss"
             access.upstream_request_id = "" if hit else token.request_id
             return Served(token, identity.client_id or token.client_id, identity.meta.key)
@@ -244,6 +260,7 @@ class TokenRoute:
                 client_id=sel.client_id,
                 object_id=sel.object_id,
                 resource_id=sel.resource_id,
+                requester=requester,
                 upstream=upstream,
             )
             access.cache = "hit" if hit else "miss"
@@ -266,7 +283,7 @@ class TokenRoute:
             if self.tokens.object_id_of(identity) is not None:
                 continue
             try:
-                await self.tokens.for_identity(identity, resource)
+                await self.tokens.for_identity(identity, resource, requester=pod.meta.uid_or_key)
             except (UpstreamError, CredentialError, SecretUnavailable):
                 continue
             learned = learned or self.tokens.object_id_of(identity) is not None

@@ -25,6 +25,7 @@ from .credentials import (
     client_certificate_from,
     client_secret_from,
 )
+from .lanes import Ticket
 from .model import Token, UpstreamError
 from .upstream import Upstream
 
@@ -113,26 +114,33 @@ class TokenService:
         return namespace, ref.name
 
     async def for_identity(
-        self, identity: AzureIdentity, resource: str, *, upstream: bool = True
+        self,
+        identity: AzureIdentity,
+        resource: str,
+        *,
+        requester: str = "",
+        upstream: bool = True,
     ) -> tuple[Token, bool]:
+        """The identity's token for ``resource``: cached, or one upstream call queued
+        as ``requester``'s (the pod) and shared by every request that joins it."""
         key = await self.cache_key(identity, resource)
 
-        async def fetch() -> Token:
-            token = await self._timed(str(identity.type), self._fetch(identity, resource))
+        async def fetch(ticket: Ticket) -> Token:
+            token = await self._timed(str(identity.type), self._fetch(identity, resource, ticket))
             self._learn(identity, token)
             return token
 
-        return await self.cache.get(key, fetch, upstream=upstream)
+        return await self.cache.get(key, fetch, requester=requester, upstream=upstream)
 
-    async def _fetch(self, identity: AzureIdentity, resource: str) -> Token:
+    async def _fetch(self, identity: AzureIdentity, resource: str, ticket: Ticket) -> Token:
         if identity.type == IdentityType.USER_ASSIGNED_MSI:
             if identity.client_id:
                 return await self.upstream.from_imds(
-                    resource=resource, client_id=identity.client_id
+                    ticket=ticket, resource=resource, client_id=identity.client_id
                 )
             if identity.resource_id:
                 return await self.upstream.from_imds(
-                    resource=resource, resource_id=identity.resource_id
+                    ticket=ticket, resource=resource, resource_id=identity.resource_id
                 )
             raise CredentialError(
                 f"identity {identity.meta.key} has neither clientID nor resourceID"
@@ -150,6 +158,7 @@ class TokenService:
             credential = await asyncio.to_thread(client_certificate_from, secret)
         assert not isinstance(credential, type(None))
         return await self.upstream.from_aad(
+            ticket=ticket,
             client_id=identity.client_id,
             authority=authority,
             credential=credential,  # type: ignore[arg-type]
@@ -183,15 +192,17 @@ class TokenService:
         client_id: str = "",
         object_id: str = "",
         resource_id: str = "",
+        requester: str = "",
         upstream: bool = True,
     ) -> tuple[Token, bool]:
         """The node's own identity (exception pods), through the node IMDS."""
         key = _node_key(resource, client_id, object_id, resource_id)
 
-        async def fetch() -> Token:
+        async def fetch(ticket: Ticket) -> Token:
             return await self._timed(
                 "node",
                 self.upstream.from_imds(
+                    ticket=ticket,
                     resource=resource,
                     client_id=client_id,
                     object_id=object_id,
@@ -199,7 +210,7 @@ class TokenService:
                 ),
             )
 
-        return await self.cache.get(key, fetch, upstream=upstream)
+        return await self.cache.get(key, fetch, requester=requester, upstream=upstream)
 
 
 def _key(identity: AzureIdentity, resource: str, secret: Secret | None) -> CacheKey:

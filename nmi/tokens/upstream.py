@@ -1,8 +1,9 @@
 """Getting tokens from upstream with MSAL, off the event loop.
 
-MSAL is synchronous (``requests`` underneath), so every call runs in a thread
-pool; the token cache in front makes sure concurrent requests for one key
-share one call.  Two sources:
+MSAL is synchronous (``requests`` underneath), so every call runs on the
+threads of its :class:`~nmi.tokens.lanes.Lane` — one lane per source, queued
+fairly per pod and bounded; the token cache in front makes sure concurrent
+requests for one key share one call.  Two sources:
 
 * the node's IMDS (``--metadata-ip:--metadata-port``) through
   ``msal.ManagedIdentityClient`` for user-assigned identities (type 0) and for
@@ -24,14 +25,13 @@ design-time failures with the HTTP status and ``Retry-After`` they came with.
 
 from __future__ import annotations
 
-import asyncio
+import email.utils
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import msal
@@ -41,15 +41,17 @@ from cachetools import LRUCache
 from ..config import Settings
 from ..ratelimit import Pacer
 from .credentials import Authority, Credential
+from .lanes import Lane, Ticket
 from .model import Token, UpstreamError
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
-
 IMDS_MAX_IN_FLIGHT = 5  # Azure's per-VM limit for managed-identity token requests
 IMDS_RATE = 15.0  # requests/s, paced below Azure's 20/s per VM
 IMDS_BURST = 5.0
+AAD_MAX_IN_FLIGHT = 8  # threads for Azure AD calls (apart from the IMDS ones)
+AAD_RATE_PER_APP = 5.0  # requests/s per application (client id), burst below
+AAD_BURST_PER_APP = 10.0
 
 
 class _Recording(threading.local):
@@ -104,12 +106,20 @@ class UpstreamSession(requests.Session):
 
 
 def _retry_after(value: str | None) -> int | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP-date), clamped to an hour."""
     if not value:
         return None
     try:
-        return max(0, min(int(float(value)), 3600))
+        seconds = float(value)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
         return None
+    return int(max(0.0, min(seconds, 3600.0)))
 
 
 TRANSIENT_ERRORS = {
@@ -174,26 +184,40 @@ def _token_from(
 
 
 class Upstream:
-    """The two upstream token sources, each call on the thread pool."""
+    """The two upstream token sources, each on its own lane."""
 
-    def __init__(self, *, settings: Settings, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, *, settings: Settings) -> None:
         self.settings = settings
-        self._executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="msal")
-        self._imds_slots = asyncio.Semaphore(IMDS_MAX_IN_FLIGHT)
-        self.imds_pacer = Pacer(rate=IMDS_RATE, burst=IMDS_BURST)
+        self.imds_lane = Lane(
+            name="imds",
+            slots=IMDS_MAX_IN_FLIGHT,
+            pacer=Pacer(rate=IMDS_RATE, burst=IMDS_BURST),
+            queue_timeout=settings.upstream_timeout,
+        )
+        self.aad_lane = Lane(
+            name="aad",
+            slots=AAD_MAX_IN_FLIGHT,
+            key_rate=AAD_RATE_PER_APP,
+            key_burst=AAD_BURST_PER_APP,
+            queue_timeout=settings.upstream_timeout,
+        )
         self._apps: LRUCache[tuple[str, ...], Any] = LRUCache(maxsize=1024)
         self._apps_lock = threading.Lock()
-        self.calls = 0
 
-    async def _run(self, fn: Callable[[], R]) -> R:
-        self.calls += 1
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn)
+    @property
+    def calls(self) -> int:
+        return self.imds_lane.calls + self.aad_lane.calls
 
     # -- node IMDS ----------------------------------------------------------
 
     async def from_imds(
-        self, *, resource: str, client_id: str = "", object_id: str = "", resource_id: str = ""
+        self,
+        *,
+        ticket: Ticket,
+        resource: str,
+        client_id: str = "",
+        object_id: str = "",
+        resource_id: str = "",
     ) -> Token:
         """A managed-identity token from the node's IMDS (no selector: system-assigned)."""
         if client_id:
@@ -237,15 +261,14 @@ class Upstream:
             finally:
                 session.close()
 
-        async with self._imds_slots:
-            await self.imds_pacer.wait()
-            return await self._run(call)
+        return await self.imds_lane.run(ticket, call)
 
     # -- Azure AD -----------------------------------------------------------
 
     async def from_aad(
         self,
         *,
+        ticket: Ticket,
         client_id: str,
         authority: Authority,
         credential: Credential,
@@ -291,7 +314,7 @@ class Upstream:
                 result, client_id=client_id, started=started, request_id=LAST.request_id
             )
 
-        return await self._run(call)
+        return await self.aad_lane.run(ticket, call, key=client_id.lower())
 
     def _app(
         self, client_id: str, authority: Authority, credential: Credential, credential_key: str
@@ -315,7 +338,8 @@ class Upstream:
         return app
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.imds_lane.close()
+        self.aad_lane.close()
 
 
 def _safe(exc: BaseException) -> str:
