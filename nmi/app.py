@@ -27,7 +27,12 @@ from .identity.decide import NODE_IDENTITY
 from .identity.wait import Resolver
 from .imds.bookkeeping import Bookkeeping
 from .imds.host_token import HostTokenRoute
-from .imds.listener import Listener, per_address_limit, raise_open_file_limit
+from .imds.listener import (
+    Listener,
+    connection_limit,
+    per_address_limit,
+    raise_open_file_limit,
+)
 from .imds.proxy import MetadataProxy
 from .imds.routes import ImdsHandler
 from .imds.token_route import TokenRoute
@@ -150,8 +155,11 @@ class Daemon:
                 }
             },
         )
+        open_files = raise_open_file_limit()
         self.listener = Listener(
-            self.handler, max_connections_per_ip=per_address_limit(raise_open_file_limit())
+            self.handler,
+            max_connections_per_ip=per_address_limit(open_files),
+            max_connections=connection_limit(open_files),
         )
         self.port = await self.listener.listen(s.listen_address, s.port)
         self.listening = True
@@ -281,6 +289,33 @@ class Daemon:
                     (["dropped"], e.dropped),
                     (["failed"], e.failed),
                 ],
+            )
+        if self.books is not None:
+            yield counter(
+                "nmi_access_log_suppressed",
+                "Access-log lines of repeated refusals left out (counted on the next line).",
+                [],
+                [([], self.books.denial_lines.suppressed)],
+            )
+        if self.listener is not None:
+            lst = self.listener
+            yield gauge(
+                "nmi_connections",
+                "Open connections to the token listener.",
+                [],
+                [([], len(lst.connections))],
+            )
+            yield counter(
+                "nmi_connections_refused",
+                "Connections refused or closed by the connection limits, by why.",
+                ["reason"],
+                [(["limit"], lst.refused), (["evicted"], lst.evicted)],
+            )
+            yield gauge(
+                "nmi_request_bytes_held",
+                "Bytes of requests being read or queued (bounded per address and in all).",
+                [],
+                [([], lst.held)],
             )
         yield gauge(
             "nmi_requests_in_flight",

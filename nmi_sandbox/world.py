@@ -333,6 +333,12 @@ class LoopbackWorld:
                 "aadpodidentity.k8s.io/v1", "AzureIdentity", identity.name, identity.namespace
             )
             or identity.manifest,
+            binding_obj=self.kube.get(
+                "aadpodidentity.k8s.io/v1",
+                "AzureIdentityBinding",
+                f"{identity.name}-binding",
+                identity.namespace,
+            ),
             state=state,
         )
         name = obj["metadata"]["name"]

@@ -158,7 +158,7 @@ def bindings_doc(
 def assignments_doc(index: ClusterIndex, settings: Settings, pod: Pod) -> list[JSONDict]:
     out: list[JSONDict] = []
     for a in sorted(index.assignments(pod.meta.namespace, pod.meta.name), key=lambda a: a.meta.key):
-        status, why = assignment_status(index, pod, a, settings)
+        status, why, _ = assignment_status(index, pod, a, settings)
         out.append(
             {
                 "namespace": a.meta.namespace,
@@ -266,8 +266,8 @@ def explain_pod(
     if settings.operation_mode is OperationMode.STANDARD:
         doc["assignments"] = assignments_doc(index, settings, pod)
         usable, pending = usable_assignments(index, pod, settings)
-        doc["usable_assignments"] = [a.meta.key for a in usable]
-        doc["pending_assignments"] = [a.meta.key for a in pending]
+        doc["usable_identities"] = [i.meta.key for i in usable]
+        doc["pending_identities"] = [i.meta.key for i in pending]
         if matching:
             doc["notes"].append(
                 "standard mode: bindings only say what MIC should assign; nmi serves the "

@@ -192,45 +192,99 @@ def bound_identities(index: ClusterIndex, pod: Pod, settings: Settings) -> list[
 USABLE = "usable"
 PENDING = "pending"
 IGNORED = "ignored"
-_USABLE = (USABLE, "")
-_PENDING = (PENDING, "MIC has created it but not finished assigning the identity to the node")
+_PENDING_WHY = "MIC has created it but not finished assigning the identity to the node"
 
 
 def assignment_status(
     index: ClusterIndex, pod: Pod, assignment: AzureAssignedIdentity, settings: Settings
-) -> tuple[str, str]:
-    """(USABLE | PENDING | IGNORED, why) of one of the pod's AzureAssignedIdentities."""
+) -> tuple[str, str, AzureIdentity | None]:
+    """(USABLE | PENDING | IGNORED, why, the live identity) of one of the pod's
+    AzureAssignedIdentities.
+
+    The assignment only records what the controller did; the decision also
+    requires what it was made from, live: the binding must still exist and select
+    the pod, and the identity must still exist — so deleting either, or relabelling
+    the pod, stops service on the next request whether or not the controller has
+    caught up — and it is the live identity's spec that is used.
+    """
     a = assignment
     if a.meta.deleting:
-        return IGNORED, "being deleted"
+        return IGNORED, "being deleted", None
     if a.state == AssignedState.UNASSIGNED:
-        return IGNORED, "state Unassigned"
+        return IGNORED, "state Unassigned", None
     if a.node_name and a.node_name != index.node_name:
-        return IGNORED, f"it is for node {a.node_name}"
-    if not namespace_allows(a.identity, pod, settings):
-        return IGNORED, (
-            f"identity {a.identity.meta.key} is outside the pod's namespace and namespaced "
-            "rules apply"
+        return IGNORED, f"it is for node {a.node_name}", None
+    embedded = a.identity
+    identity = index.identity(embedded.meta.namespace, embedded.meta.name)
+    if identity is None:
+        return IGNORED, f"AzureIdentity {embedded.meta.key} no longer exists", None
+    why = _binding_problem(index, pod, a, identity, settings)
+    if why:
+        return IGNORED, why, None
+    if not namespace_allows(identity, pod, settings):
+        return (
+            IGNORED,
+            f"identity {identity.meta.key} is outside the pod's namespace and namespaced "
+            "rules apply",
+            None,
         )
     if a.state in (AssignedState.ASSIGNED, AssignedState.LEGACY):
-        return _USABLE
+        return USABLE, "", identity
     if a.state == AssignedState.CREATED:
-        return _PENDING
-    return IGNORED, f"unknown state {a.state!r}"
+        return PENDING, _PENDING_WHY, identity
+    return IGNORED, f"unknown state {a.state!r}", None
+
+
+def _binding_problem(
+    index: ClusterIndex,
+    pod: Pod,
+    assignment: AzureAssignedIdentity,
+    identity: AzureIdentity,
+    settings: Settings,
+) -> str:
+    """Why no live binding gives the pod this assignment's identity ("" when one does)."""
+    label = pod.binding_label
+    ref = assignment.binding
+    if ref is not None and ref.meta.name:
+        namespace = ref.meta.namespace or identity.meta.namespace
+        binding = index.binding(namespace, ref.meta.name)
+        if binding is None:
+            return f"AzureIdentityBinding {namespace}/{ref.meta.name} no longer exists"
+        candidates = [binding]
+    else:  # written without a binding reference: any live binding will do
+        candidates = index.bindings_with_selector(label) if label else []
+    for binding in candidates:
+        if binding.selector != label:
+            continue
+        if binding.meta.namespace != identity.meta.namespace:
+            continue
+        if binding.azure_identity != identity.meta.name:
+            continue
+        if settings.namespaced_everywhere and binding.meta.namespace != pod.meta.namespace:
+            continue
+        return ""
+    if ref is not None and ref.meta.name:
+        return (
+            f"AzureIdentityBinding {candidates[0].meta.key} no longer gives this pod "
+            f"{identity.meta.key} (selector or identity changed, or the pod's label)"
+        )
+    return f"no AzureIdentityBinding selects this pod for {identity.meta.key}"
 
 
 def usable_assignments(
     index: ClusterIndex, pod: Pod, settings: Settings
-) -> tuple[list[AzureAssignedIdentity], list[AzureAssignedIdentity]]:
-    """(usable, pending) assignments of this pod after namespace filtering."""
-    usable: list[AzureAssignedIdentity] = []
-    pending: list[AzureAssignedIdentity] = []
+) -> tuple[list[AzureIdentity], list[AzureIdentity]]:
+    """The live identities of the pod's usable and pending assignments."""
+    usable: list[AzureIdentity] = []
+    pending: list[AzureIdentity] = []
     for a in index.assignments(pod.meta.namespace, pod.meta.name):
-        status, _ = assignment_status(index, pod, a, settings)
+        status, _, identity = assignment_status(index, pod, a, settings)
+        if identity is None:
+            continue
         if status == USABLE:
-            usable.append(a)
+            usable.append(identity)
         elif status == PENDING:
-            pending.append(a)
+            pending.append(identity)
     return usable, pending
 
 
@@ -256,12 +310,12 @@ def decide(
         return any(identity_matches(i, selector, object_id_of) for i in bound)
 
     if len(usable) == 1 and not pending:  # the common case: one Assigned identity
-        only = usable[0].identity
+        only = usable[0]
         if selector.empty or identity_matches(only, selector, object_id_of):
             return Grant(only)
     return _choose(
-        _distinct(a.identity for a in usable),
-        _distinct(a.identity for a in pending),
+        _distinct(usable),
+        _distinct(pending),
         selector,
         object_id_of,
         could_be_created,

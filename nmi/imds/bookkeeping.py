@@ -7,11 +7,19 @@ repeating part is rendered once per pod, identity and resource) and the full
 path — and keeping it out of the routes leaves them a straight line from
 request to reply.  Nothing here can fail a request: the access log batches
 its writes, Events are queued and rate limited by the recorder.
+
+A pod that loops on a refused request must not fill the node's disk: the lines
+of refused requests (status 400 and above) are limited per address, status
+and route to one every :data:`DENIAL_LOG_INTERVAL` seconds; the next line
+that is written says how many were left out (``suppressed=N``).  Successful
+requests are always logged.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +38,41 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_PREFIXES = 4096
 MAX_CLIENT_REQUEST_ID = 64
+DENIAL_LOG_INTERVAL = 10.0
+MAX_DENIAL_KEYS = 4096
+
+
+class DenialLines:
+    """How many lines of a repeated refusal to leave out (per address, status, route)."""
+
+    def __init__(
+        self, *, interval: float = DENIAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._keys: dict[tuple[str, int, str], tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def admit(self, ip: str, status: int, route: str) -> int | None:
+        """None: leave this line out; else the number left out since the last one."""
+        now = self._clock()
+        key = (ip, status, route)
+        found = self._keys.get(key)
+        if found is not None and now - found[0] < self.interval:
+            self._keys[key] = (found[0], found[1] + 1)
+            self.suppressed += 1
+            return None
+        if found is None and len(self._keys) >= MAX_DENIAL_KEYS:
+            self._prune(now)
+        self._keys[key] = (now, 0)
+        return found[1] if found is not None else 0
+
+    def _prune(self, now: float) -> None:
+        stale = [k for k, (t, _) in self._keys.items() if now - t >= self.interval]
+        for key in stale:
+            del self._keys[key]
+        if len(self._keys) >= MAX_DENIAL_KEYS:
+            self._keys.clear()  # a flood of addresses: forget, never grow
 
 
 @dataclass(slots=True)
@@ -61,6 +104,7 @@ class Bookkeeping:
         self.events = events
         self.last_errors = last_errors
         self.access_log = AccessLog(fmt=settings.log_format)
+        self.denial_lines = DenialLines()
         self._line_prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
     # -- the cache-hit path -----------------------------------------------------
@@ -113,6 +157,12 @@ class Bookkeeping:
             )
         if not self.access_log.enabled:
             return
+        suppressed = 0
+        if status >= 400:
+            admitted = self.denial_lines.admit(access.ip, status, access.route)
+            if admitted is None:
+                return
+            suppressed = admitted
         fields: dict[str, Any] = {
             "route": access.route,
             "method": request.method,
@@ -134,6 +184,8 @@ class Bookkeeping:
             fields["client_request_id"] = client_request[:MAX_CLIENT_REQUEST_ID]
         if access.reason:
             fields["reason"] = access.reason
+        if suppressed:
+            fields["suppressed"] = suppressed
         self.access_log.write(fields)
 
     def failed(self, pod: Pod | None, failure: Failure, access: Access) -> None:
@@ -169,9 +221,18 @@ class Bookkeeping:
                 route=Route.INVALID.value, status=status, seconds=0.0, namespace="", resource=""
             )
         if self.access_log.enabled:
-            self.access_log.write(
-                {"route": Route.INVALID.value, "status": status, "ip": peer_ip, "reason": reason}
-            )
+            admitted = self.denial_lines.admit(peer_ip, status, Route.INVALID.value)
+            if admitted is None:
+                return
+            fields: dict[str, Any] = {
+                "route": Route.INVALID.value,
+                "status": status,
+                "ip": peer_ip,
+                "reason": reason,
+            }
+            if admitted:
+                fields["suppressed"] = admitted
+            self.access_log.write(fields)
 
     def flush(self) -> None:
         self.access_log.flush()

@@ -10,10 +10,16 @@ no future, no response object.  Anything else runs as one task per request
 replies leave in order.
 
 Limits keep one client from costing others: the request head is bounded
-(431), bodies are bounded (413), a client that stops sending half-way through
-a request is answered 408, one that stops reading its replies stops being
-read, and idle keep-alive connections are closed (the timers are checked by
-the listener's once-a-second sweep, not armed per request).  Broken HTTP gets
+(431); a body is kept only for the proxied metadata APIs, which may take one
+(scheduled events are acknowledged by POST), and only up to
+:data:`MAX_PROXY_BODY` — the token routes take none, so what a client sends
+there is read and dropped, never held (up to :data:`MAX_DISCARD`, then 413);
+every byte a connection holds counts against its address's and the
+listener's budget (``Listener.hold``: 503 beyond); a client that stops
+sending half-way through a request is answered 408, one that stops reading
+its replies stops being read, and idle keep-alive connections are closed (the
+timers are checked by the listener's once-a-second sweep, not armed per
+request).  Broken HTTP gets
 the same IMDS-style JSON error as everything else, then the connection ends.
 """
 
@@ -28,6 +34,7 @@ import httptools
 
 from . import replies
 from .messages import Reply, Request, encode
+from .target import Route, classify
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -37,8 +44,11 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 32 * 1024  # request line + headers
 MAX_HEADERS = 100
-MAX_BODY = 1 << 20
+MAX_PROXY_BODY = 64 * 1024  # kept for the proxied metadata APIs only
+MAX_DISCARD = 1 << 20  # body bytes read and dropped on a route that takes none
 MAX_PIPELINED = 16  # requests queued behind a slow one before reading pauses
+MAX_QUEUED_BYTES = 64 * 1024  # held in queued requests before reading pauses
+_BODY_ROUTES = frozenset({Route.PROXY, Route.INSTANCE})
 LINGER = 2.0  # seconds an errored connection keeps draining what the client still sends
 
 
@@ -61,6 +71,10 @@ class ListenerState(Protocol):
 
     def closed(self, connection: HttpConnection) -> None: ...
 
+    def hold(self, connection: HttpConnection, size: int) -> bool: ...
+
+    def release(self, connection: HttpConnection, size: int) -> None: ...
+
 
 class _Refuse(Exception):
     """Raised inside a parser callback: answer ``status`` and end the connection."""
@@ -75,8 +89,11 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_begun",
         "_body",
+        "_body_wanted",
         "_closing",
+        "_discarded",
         "_head_bytes",
+        "_head_held",
         "_head_wire",
         "_headers",
         "_in_head",
@@ -84,14 +101,17 @@ class HttpConnection(asyncio.Protocol):
         "_loop",
         "_paused_reading",
         "_queue",
+        "_queued_bytes",
+        "_request_bytes",
         "_task",
         "_url",
         "_write_paused",
+        "admitted",
         "handler",
+        "held",
         "last_activity",
         "lingering_until",
         "listener",
-        "over_limit",
         "parser",
         "peer_ip",
         "request_started",
@@ -110,10 +130,16 @@ class HttpConnection(asyncio.Protocol):
         self.request_started = 0.0
         self.write_paused_at = 0.0
         self.lingering_until = 0.0
-        self.over_limit = False
+        self.admitted = False
+        self.held = 0  # bytes this connection holds (head, body, queued requests)
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
         self._body: bytearray | None = None
+        self._body_wanted = False
+        self._discarded = 0
+        self._request_bytes = 0  # held for the request being read
+        self._head_held = 0  # wire bytes held for a head not complete yet
+        self._queued_bytes = 0
         self._head_bytes = 0
         self._head_wire = 0
         self._begun = False
@@ -134,10 +160,17 @@ class HttpConnection(asyncio.Protocol):
         if peer:
             ip = str(peer[0])
             self.peer_ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-        self.over_limit = not self.listener.opened(self)
+        self.admitted = self.listener.opened(self)
+        if not self.admitted:
+            # Over the connection limits: refused at once, before it can hold anything.
+            self._closing = True
+            transport.write(
+                encode(replies.error(429, "too_many_requests", "Too many connections"), close=True)
+            )
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.closed(self)
+        self.listener.closed(self)  # releases what it held
         self._closing = True
         self._queue.clear()
         if self._task is not None:
@@ -174,6 +207,14 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(400, f"Bad Request: the request could not be read ({_reason(exc)})")
         else:
+            if self._in_head:
+                # An incomplete head: httptools holds the partial header until it ends, so
+                # this chunk counts against the budgets (an upper bound when the head began
+                # in it) until the head is complete.
+                if not self.listener.hold(self, len(data)):
+                    self._fail(503, "Service Unavailable: too many requests being read")
+                    return
+                self._head_held += len(data)
             if self._in_head and not self._begun:
                 # A head that was already incomplete before this chunk and still is: all
                 # of it is head (httptools would buffer a never-ending header).  A chunk in
@@ -194,10 +235,18 @@ class HttpConnection(asyncio.Protocol):
         self._url = []
         self._headers = []
         self._body = None
+        self._body_wanted = False
+        self._discarded = 0
         self._head_bytes = 0
         self._in_head = True
         self._in_request = True
         self.request_started = self._loop.time()
+
+    def _hold(self, size: int) -> None:
+        """Account ``size`` more bytes held for the request being read."""
+        if not self.listener.hold(self, size):
+            raise _Refuse(503, "Service Unavailable: too many requests being read")
+        self._request_bytes += size
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
@@ -211,11 +260,18 @@ class HttpConnection(asyncio.Protocol):
             raise _Refuse(431, "Request Header Fields Too Large")
         if len(self._headers) >= MAX_HEADERS:
             raise _Refuse(431, "Request Header Fields Too Large: too many headers")
+        self._head_bytes += 64  # the strings' and the tuple's overhead
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_wire = 0
+        if self._head_held:  # the wire bytes of the head become the parsed request's
+            self.listener.release(self, self._head_held)
+            self._head_held = 0
+        self._hold(self._head_bytes)
+        target = (self._url[0] if len(self._url) == 1 else b"".join(self._url)).decode("latin-1")
+        self._body_wanted = classify(target).route in _BODY_ROUTES
         if (
             self._task is None
             and not self._queue
@@ -225,10 +281,17 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if not self._body_wanted:
+            # The token routes take no body: read and drop it, never hold it.
+            self._discarded += len(body)
+            if self._discarded > MAX_DISCARD:
+                raise _Refuse(413, "Request Entity Too Large")
+            return
         if self._body is None:
             self._body = bytearray()
-        if len(self._body) + len(body) > MAX_BODY:
+        if len(self._body) + len(body) > MAX_PROXY_BODY:
             raise _Refuse(413, "Request Entity Too Large")
+        self._hold(len(body))
         self._body += body
 
     def on_message_complete(self) -> None:
@@ -241,10 +304,14 @@ class HttpConnection(asyncio.Protocol):
             peer_ip=self.peer_ip,
             keep_alive=parser.should_keep_alive(),
             body=bytes(self._body) if self._body else b"",
+            size=self._request_bytes,
         )
+        self._body = None
+        self._request_bytes = 0
         if self._task is not None or self._queue or self._write_paused:
             self._queue.append(request)
-            if len(self._queue) >= MAX_PIPELINED:
+            self._queued_bytes += request.size
+            if len(self._queue) >= MAX_PIPELINED or self._queued_bytes >= MAX_QUEUED_BYTES:
                 self._pause_reading()
             return
         self._serve(request)
@@ -252,9 +319,6 @@ class HttpConnection(asyncio.Protocol):
     # -- answering -----------------------------------------------------------
 
     def _serve(self, request: Request) -> None:
-        if self.over_limit:
-            self._fail(429, "Too many connections from this address")
-            return
         keep_alive = request.keep_alive and not self.listener.closing
         if not keep_alive:
             self._closing = True  # nothing after this request is read
@@ -263,6 +327,7 @@ class HttpConnection(asyncio.Protocol):
             data = self.handler.fast(request)
             if data is not None:
                 assert self.transport is not None
+                self.listener.release(self, request.size)
                 self.transport.write(data)
                 return
         self._task = self._loop.create_task(self._answer(request, keep_alive))
@@ -273,6 +338,8 @@ class HttpConnection(asyncio.Protocol):
         except Exception:  # the handler answers every error itself; this is a last resort
             log.exception("unexpected error answering a request")
             reply = replies.internal_error()
+        finally:
+            self.listener.release(self, request.size)
         self.last_activity = self._loop.time()
         transport = self.transport
         if transport is None:
@@ -299,8 +366,14 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(item, Reply):
                 self._write_and_close(item)
                 return
+            self._queued_bytes -= item.size
             self._serve(item)
-        if self._paused_reading and len(self._queue) < MAX_PIPELINED and not self._write_paused:
+        if (
+            self._paused_reading
+            and len(self._queue) < MAX_PIPELINED
+            and self._queued_bytes < MAX_QUEUED_BYTES
+            and not self._write_paused
+        ):
             self._paused_reading = False
             if self.transport is not None and not self._closing:
                 self.transport.resume_reading()
@@ -317,7 +390,9 @@ class HttpConnection(asyncio.Protocol):
         if self._closing:
             return  # bytes after the connection's last request: never read, never answered
         self.handler.protocol_error(self.peer_ip, status, description)
-        code = {429: "too_many_requests", 500: "server_error"}.get(status, "invalid_request")
+        code = {429: "too_many_requests", 500: "server_error", 503: "server_error"}.get(
+            status, "invalid_request"
+        )
         reply = replies.error(status, code, description)  # 429: with Retry-After
         reply.close = True
         self._closing = True

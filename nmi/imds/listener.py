@@ -7,10 +7,21 @@ timers — idle keep-alive, a request that never completes, a client that
 stops reading — are checked by one sweep a second instead of being armed and
 cancelled around each request.  ``stop`` stops accepting, lets each
 connection finish the reply in progress (with ``Connection: close``), closes
-idle ones at once, and aborts what is left after the grace period.  One
-address (one pod) may hold at most ``MAX_CONNECTIONS_PER_IP`` connections:
-beyond that, each new one is answered 429 and closed, so a leaking or hostile
-pod cannot use up the daemon's file descriptors.
+idle ones at once, and aborts what is left after the grace period.
+
+What one pod can make the daemon hold is bounded where it is taken:
+
+* connections, when they are accepted: at most ``max_connections_per_ip``
+  per address, and ``max_connections`` in all — kept below the descriptor
+  limit with room for the daemon's own files.  When the node-wide cap is
+  reached, a connection from an address that holds few is still admitted: an
+  idle connection of the address that holds the most is closed for it, so
+  one pod's flood never locks out the others.  Refused connections get a 429
+  and are closed at once;
+* bytes, as they are read (request heads, the bodies the proxied APIs take,
+  requests queued behind a slow one): at most ``max_bytes_per_ip`` per
+  address and ``max_bytes`` in all (:meth:`Listener.hold`); a request that
+  would exceed them is answered 503 and its connection closed.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ import socket
 from .connection import HttpConnection, RequestHandler
 
 MAX_CONNECTIONS_PER_IP = 4096  # one pod cannot hold all of the daemon's file descriptors
+MAX_CONNECTIONS = 16384  # all pods: about 3 KB of memory each, well within the pod's limit
+RESERVED_FILES = 1024  # descriptors kept for the daemon's own use (API, upstream, files)
+MAX_BYTES_PER_IP = 1 << 20
+MAX_BYTES = 32 << 20
 KEEPALIVE_TIMEOUT = 75.0  # as aiohttp, nginx (75 s) and Go's net/http default idle timeout
 REQUEST_TIMEOUT = 15.0  # from the first byte of a request to its last
 WRITE_TIMEOUT = 30.0  # a client that reads none of its replies for this long
@@ -45,6 +60,11 @@ def per_address_limit(open_files: int) -> int:
     return max(64, min(MAX_CONNECTIONS_PER_IP, open_files // 4))
 
 
+def connection_limit(open_files: int) -> int:
+    """Connections in all: below the descriptor limit, with the daemon's own reserve."""
+    return max(64, min(MAX_CONNECTIONS, open_files - RESERVED_FILES))
+
+
 class Listener:
     def __init__(
         self,
@@ -55,10 +75,20 @@ class Listener:
         write_timeout: float = WRITE_TIMEOUT,
         sweep_interval: float = 1.0,
         max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+        max_connections: int = MAX_CONNECTIONS,
+        max_bytes_per_ip: int = MAX_BYTES_PER_IP,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.handler = handler
         self.max_connections_per_ip = max_connections_per_ip
-        self._per_ip: dict[str, int] = {}
+        self.max_connections = max_connections
+        self.max_bytes_per_ip = max_bytes_per_ip
+        self.max_bytes = max_bytes
+        self._per_ip: dict[str, set[HttpConnection]] = {}
+        self._bytes_per_ip: dict[str, int] = {}
+        self.held = 0  # bytes held by all connections
+        self.refused = 0
+        self.evicted = 0
         self.closing = False
         self.connections: set[HttpConnection] = set()
         self.keepalive_timeout = keepalive_timeout
@@ -87,23 +117,72 @@ class Listener:
         return int(server.sockets[0].getsockname()[1])
 
     def opened(self, connection: HttpConnection) -> bool:
-        """Register a connection; False when its address already has too many."""
+        """Register a new connection; False when it must be refused (see the limits)."""
+        ip = connection.peer_ip
+        mine = self._per_ip.get(ip)
+        count = len(mine) if mine is not None else 0
+        if count >= self.max_connections_per_ip:
+            self.refused += 1
+            return False
+        if len(self.connections) >= self.max_connections and not self._evict_for(count):
+            self.refused += 1
+            return False
+        if mine is None:
+            mine = self._per_ip[ip] = set()
+        mine.add(connection)
         self.connections.add(connection)
         self._all_closed.clear()
-        count = self._per_ip.get(connection.peer_ip, 0) + 1
-        self._per_ip[connection.peer_ip] = count
-        return count <= self.max_connections_per_ip
+        return True
+
+    def _evict_for(self, count: int) -> bool:
+        """Make room for a connection of an address holding ``count``: close an idle
+        connection of the address holding the most, if that is more."""
+        heaviest = max(self._per_ip.values(), key=len, default=None)
+        if heaviest is None or len(heaviest) <= count + 1:
+            return False
+        victim = next((c for c in heaviest if c.idle), None) or next(iter(heaviest))
+        self.evicted += 1
+        self._forget(victim)
+        victim.abort()
+        return True
 
     def closed(self, connection: HttpConnection) -> None:
-        if connection in self.connections:
-            self.connections.discard(connection)
-            count = self._per_ip.get(connection.peer_ip, 1) - 1
-            if count > 0:
-                self._per_ip[connection.peer_ip] = count
-            else:
-                self._per_ip.pop(connection.peer_ip, None)
+        self._forget(connection)
         if not self.connections:
             self._all_closed.set()
+
+    def _forget(self, connection: HttpConnection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            mine = self._per_ip.get(connection.peer_ip)
+            if mine is not None:
+                mine.discard(connection)
+                if not mine:
+                    del self._per_ip[connection.peer_ip]
+        self.release(connection, connection.held)
+
+    def hold(self, connection: HttpConnection, size: int) -> bool:
+        """Account ``size`` bytes more held for ``connection``; False over a budget."""
+        ip = connection.peer_ip
+        mine = self._bytes_per_ip.get(ip, 0) + size
+        if mine > self.max_bytes_per_ip or self.held + size > self.max_bytes:
+            return False
+        self._bytes_per_ip[ip] = mine
+        self.held += size
+        connection.held += size
+        return True
+
+    def release(self, connection: HttpConnection, size: int) -> None:
+        size = min(size, connection.held)
+        if size <= 0:
+            return
+        connection.held -= size
+        self.held -= size
+        left = self._bytes_per_ip.get(connection.peer_ip, 0) - size
+        if left > 0:
+            self._bytes_per_ip[connection.peer_ip] = left
+        else:
+            self._bytes_per_ip.pop(connection.peer_ip, None)
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -59,6 +59,7 @@ class Request:
     peer_ip: str
     keep_alive: bool = True
     body: bytes = b""
+    size: int = 0  # bytes of the connection's budget it holds (see Listener.hold)
 
     def header(self, name: str, default: str = "") -> str:
         """The first value of a header (``name`` in lower case)."""

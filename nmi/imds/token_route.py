@@ -276,8 +276,7 @@ class TokenRoute:
         if self.settings.operation_mode is OperationMode.MANAGED:
             candidates = bound_identities(self.resolver.index, pod, self.settings)
         else:
-            usable, _ = usable_assignments(self.resolver.index, pod, self.settings)
-            candidates = [a.identity for a in usable]
+            candidates, _ = usable_assignments(self.resolver.index, pod, self.settings)
         learned = False
         for identity in candidates[:MAX_OBJECT_ID_PROBES]:
             if self.tokens.object_id_of(identity) is not None:

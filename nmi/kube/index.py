@@ -37,6 +37,7 @@ class ClusterIndex:
         )
         self._identities: dict[tuple[str, str], AzureIdentity] = {}
         self._bindings_by_selector: dict[str, dict[str, AzureIdentityBinding]] = defaultdict(dict)
+        self._bindings: dict[tuple[str, str], AzureIdentityBinding] = {}
         self._exceptions_by_ns: dict[str, dict[str, AzurePodIdentityException]] = defaultdict(dict)
 
     # -- queries ------------------------------------------------------------
@@ -67,8 +68,10 @@ class ClusterIndex:
         return list(found.values()) if found else []
 
     def bindings(self) -> Iterable[AzureIdentityBinding]:
-        for bucket in self._bindings_by_selector.values():
-            yield from bucket.values()
+        return self._bindings.values()
+
+    def binding(self, namespace: str, name: str) -> AzureIdentityBinding | None:
+        return self._bindings.get((namespace, name))
 
     def exceptions_in(self, namespace: str) -> list[AzurePodIdentityException]:
         found = self._exceptions_by_ns.get(namespace)
@@ -146,8 +149,10 @@ class ClusterIndex:
                 bucket.pop(old.meta.key, None)
                 if not bucket:
                     del self._bindings_by_selector[old.selector]
+            self._bindings.pop((old.meta.namespace, old.meta.name), None)
         if new is not None and kind in (ADDED, MODIFIED):
             self._bindings_by_selector[new.selector][new.meta.key] = new
+            self._bindings[(new.meta.namespace, new.meta.name)] = new
         self.changed.fire()
 
     def on_exception(
@@ -197,10 +202,7 @@ class ClusterIndex:
         if isinstance(obj, AzureIdentity):
             return self.on_identity, self._identities.get((obj.meta.namespace, obj.meta.name))
         if isinstance(obj, AzureIdentityBinding):
-            for bindings in self._bindings_by_selector.values():
-                if obj.meta.key in bindings:
-                    return self.on_binding, bindings[obj.meta.key]
-            return self.on_binding, None
+            return self.on_binding, self._bindings.get((obj.meta.namespace, obj.meta.name))
         if isinstance(obj, AzurePodIdentityException):
             return self.on_exception, self._exceptions_by_ns.get(obj.meta.namespace, {}).get(
                 obj.meta.key

@@ -49,11 +49,11 @@ async def test_fast_and_full_paths_agree(world: LoopbackWorld) -> None:
     handler = daemon.handler
     assert isinstance(handler, ImdsHandler)
     one = world.add_user_assigned_identity("one", selector="one")
-    two = world.add_user_assigned_identity("two", selector="two")
+    two = world.add_user_assigned_identity("two", selector="one")
     other = world.add_user_assigned_identity("other", selector="other")
     single = world.add_pod("single", selector="one")
     world.assign(single, one)
-    double = world.add_pod("double", labels={"team": "x"})
+    double = world.add_pod("double", selector="one")
     world.assign(double, one)
     world.assign(double, two)
     stranger = world.add_pod("stranger")

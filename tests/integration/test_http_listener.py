@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from nmi.imds.connection import MAX_BODY, MAX_HEADERS
+from nmi.imds.connection import MAX_DISCARD as MAX_BODY
+from nmi.imds.connection import MAX_HEADERS
 from nmi.imds.listener import Listener, per_address_limit, raise_open_file_limit
 from nmi.imds.messages import Reply, Request, encode
 
@@ -186,8 +187,14 @@ async def test_upgrade_offers_are_declined_in_http11(served) -> None:  # type: i
 async def test_body_and_head(served) -> None:  # type: ignore[no-untyped-def]
     _, _, port = served
     reader, writer = await connect(port)
-    writer.write(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    # The proxied metadata APIs may take a body (scheduled events are acknowledged by POST).
+    writer.write(
+        b"POST /metadata/scheduledevents HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+    )
     assert json.loads((await read_reply(reader))[2])["body"] == 5
+    # Other routes take none: what is sent is read and dropped, never held.
+    writer.write(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert json.loads((await read_reply(reader))[2])["body"] == 0
     writer.write(b"HEAD /other HTTP/1.1\r\nHost: x\r\n\r\n" + get("/fast"))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert b"Content-Length: " in head  # the length a GET would have, and no body:
@@ -289,7 +296,7 @@ async def test_one_address_cannot_hold_too_many_connections() -> None:
         status, headers, body = await read_reply(reader)
         assert status == 429 and headers["retry-after"] == "1"
         assert json.loads(body)["error"] == "too_many_requests"
-        assert handler.errors == [429]
+        assert listener.refused == 1 and len(listener.connections) == 2
         writer.close()
         held[0][1].close()
         await held[0][1].wait_closed()
@@ -313,3 +320,105 @@ def test_per_address_limit_follows_the_open_file_limit() -> None:
     assert per_address_limit(1 << 20) == 4096
     assert per_address_limit(100) == 64
     assert raise_open_file_limit() >= 64
+
+
+async def test_the_cap_is_enforced_when_a_connection_is_accepted() -> None:
+    """Silent connections count too: the one over the limit is refused at accept."""
+    handler = FakeHandler()
+    listener = Listener(handler, max_connections_per_ip=3)
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        held = [await connect(port) for _ in range(3)]  # never send anything
+        await asyncio.wait_for(_until(lambda: len(listener.connections) == 3), 5)
+        reader, writer = await connect(port)
+        status, headers, _ = await read_reply(reader)  # without having sent a request
+        assert status == 429 and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert len(listener.connections) == 3 and listener.refused == 1
+        for _, w in held:
+            w.close()
+        writer.close()
+    finally:
+        await listener.stop(1.0)
+
+
+async def test_a_full_listener_makes_room_from_the_address_holding_the_most() -> None:
+    handler = FakeHandler()
+    listener = Listener(handler, max_connections_per_ip=10, max_connections=4)
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        flood = [await connect(port) for _ in range(4)]  # 127.0.0.1: all four slots
+        await asyncio.wait_for(_until(lambda: len(listener.connections) == 4), 5)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+        )
+        writer.write(get("/fast"))
+        assert (await read_reply(reader))[0] == 200  # admitted: an idle flood connection went
+        assert listener.evicted == 1 and len(listener.connections) == 4
+        closed = [r for r, _ in flood if await _closed(r)]
+        assert len(closed) == 1
+        more = await connect(port)  # the flooding address gets no more
+        assert (await read_reply(more[0]))[0] == 429
+        for _, w in [*flood, more, (reader, writer)]:
+            w.close()
+    finally:
+        await listener.stop(1.0)
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 0.5) == b""
+    except TimeoutError:
+        return False
+
+
+async def test_bytes_held_are_bounded_per_address_and_in_all() -> None:
+    handler = FakeHandler()
+    listener = Listener(handler, max_bytes_per_ip=64 * 1024, max_bytes=96 * 1024)
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        # Heads of 30 KB that never end, on several connections of one address.
+        part = b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 30_000 + b"\r\n"
+        held = []
+        for _ in range(2):
+            reader, writer = await connect(port)
+            writer.write(part)
+            held.append((reader, writer))
+        await asyncio.wait_for(_until(lambda: listener.held >= 60_000), 5)
+        reader, writer = await connect(port)
+        writer.write(part)
+        status, headers, body = await read_reply(reader)
+        assert status == 503 and headers["connection"] == "close"
+        assert json.loads(body)["error"] == "server_error"
+        assert listener.held <= 64 * 1024
+        # Another address still has room, up to the listener's budget.
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        w2.write(get("/fast"))
+        assert (await read_reply(r2))[0] == 200
+        for _, w in [*held, (reader, writer), (r2, w2)]:
+            w.close()
+        await asyncio.wait_for(_until(lambda: listener.held == 0), 5)
+    finally:
+        await listener.stop(1.0)
+
+
+async def test_a_token_request_body_is_dropped_not_held() -> None:
+    handler = FakeHandler()
+    listener = Listener(handler)
+    port = await listener.listen("127.0.0.1", 0)
+    try:
+        reader, writer = await connect(port)
+        size = MAX_BODY  # a megabyte, as the attack sent
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        peak = 0
+        for _ in range(size // 65536):
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            peak = max(peak, listener.held)
+        await asyncio.wait_for(handler.started.wait(), 5)
+        assert handler.seen[-1].body == b"" and peak < 4096, peak
+        handler.release.set()
+        assert (await read_reply(reader))[0] == 200
+        writer.close()
+    finally:
+        await listener.stop(1.0)

@@ -5,6 +5,7 @@ import time
 from datetime import datetime
 
 import jwt
+import pytest
 
 from nmi_sandbox.world import LoopbackWorld
 
@@ -259,6 +260,39 @@ async def test_deleted_assignment_stops_service_on_next_request(running: Loopbac
     await running.synced(lambda idx: not idx.assignments("default", "revoked"))
     reply = await running.get_token(ip)
     assert reply.status == 400 and reply.body["error_description"] == "Identity not found"
+
+
+@pytest.mark.parametrize("revoke", ["binding", "identity", "label"])
+async def test_revocation_stops_service_while_the_assignment_stays(
+    running: LoopbackWorld, revoke: str
+) -> None:
+    """Nothing removes the AzureAssignedIdentity (MIC down or behind): deleting the
+    binding or the identity, or relabelling the pod, stops service on the next request."""
+    pod, ident = await bound_pod(running, f"keep-{revoke}")
+    ip = running.pod_ip(pod)
+    assert (await running.get_token(ip)).status == 200
+    assert (await running.get_token(ip)).status == 200  # cached
+    group = "aadpodidentity.k8s.io/v1"
+    if revoke == "binding":
+        running.kube.delete(group, "AzureIdentityBinding", f"{ident.name}-binding", "default")
+        await running.synced(lambda idx: idx.binding("default", f"{ident.name}-binding") is None)
+    elif revoke == "identity":
+        running.kube.delete(group, "AzureIdentity", ident.name, "default")
+        await running.synced(lambda idx: idx.identity("default", ident.name) is None)
+    else:
+        name = pod["metadata"]["name"]
+        running.kube.patch(
+            "v1", "Pod", name, "default", {"metadata": {"labels": {"aadpodidbinding": "x"}}}
+        )
+        await running.synced(
+            lambda idx: (p := idx.pod("default", name)) is not None and p.binding_label == "x"
+        )
+    assert running.daemon is not None
+    assert running.daemon.index.assignments("default", pod["metadata"]["name"])  # still there
+    for _ in range(3):
+        reply = await running.get_token(ip)
+        assert reply.status in (400, 404), reply.body
+        assert "access_token" not in reply.body
 
 
 async def test_cold_concurrency_makes_one_upstream_call(running: LoopbackWorld) -> None:

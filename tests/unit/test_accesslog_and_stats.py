@@ -126,3 +126,17 @@ def test_request_stats_are_bounded() -> None:
         for s in families["aadpodidentity_nmi_operations_duration_seconds"].samples
     }
     assert namespaces == {"ns-0", "ns-1", "(other)"}
+
+
+def test_repeated_refusals_leave_one_line_per_interval_with_the_count() -> None:
+    from nmi.imds.bookkeeping import DenialLines
+
+    now = [100.0]
+    lines = DenialLines(interval=10.0, clock=lambda: now[0])
+    assert lines.admit("10.0.0.1", 400, "token") == 0
+    assert [lines.admit("10.0.0.1", 400, "token") for _ in range(500)] == [None] * 500
+    assert lines.admit("10.0.0.2", 400, "token") == 0  # another pod: its own line
+    assert lines.admit("10.0.0.1", 404, "token") == 0  # another status: its own line
+    now[0] += 10.0
+    assert lines.admit("10.0.0.1", 400, "token") == 500  # the count rides on the next line
+    assert lines.suppressed == 500

@@ -55,6 +55,8 @@ def identity(
 
 
 def assign(index: ClusterIndex, pod: Pod, ident: dict, state: str = "Assigned") -> None:
+    """What MIC writes: the identity and its binding embedded."""
+    ns, name = ident["metadata"]["namespace"], ident["metadata"]["name"]
     index.put(
         AzureAssignedIdentity.parse(
             m.assigned_identity(
@@ -62,6 +64,9 @@ def assign(index: ClusterIndex, pod: Pod, ident: dict, state: str = "Assigned") 
                 pod_namespace=pod.meta.namespace,
                 node=NODE,
                 identity=ident,
+                binding_obj=m.binding(
+                    name=f"b-{name}", namespace=ns, identity=name, selector="sel"
+                ),
                 state=state,
             )
         )
@@ -133,16 +138,19 @@ def test_legacy_empty_state_is_usable_and_unassigned_is_not() -> None:
     idx = ClusterIndex(node_name=NODE)
     pod = world(idx)
     ident = identity("a", CID_A)
+    bind(idx, ident)
     assign(idx, pod, ident, state="")
     assert isinstance(run(idx, pod), Grant)
     assign(idx, pod, ident, state="Unassigned")
-    assert isinstance(run(idx, pod), Deny)
+    assert not isinstance(run(idx, pod), Grant)  # MIC is taking it away
 
 
 def test_several_identities_without_selector_is_multiple_never_a_pick() -> None:
     idx = ClusterIndex(node_name=NODE)
     pod = world(idx)
     a, b = identity("a", CID_A), identity("b", CID_B)
+    bind(idx, a)
+    bind(idx, b)
     assign(idx, pod, a)
     assign(idx, pod, b, state="Created")
     d = run(idx, pod)
@@ -179,6 +187,7 @@ def test_namespaced_rules(how: str) -> None:
     idx = ClusterIndex(node_name=NODE)
     pod = world(idx, ns="team-a")
     ident = identity("a", CID_A, ns="team-b", namespaced=how == "annotation")
+    bind(idx, ident)
     assign(idx, pod, ident)
     s = settings(force_namespaced=how == "flag")
     d = run(idx, pod, s)
@@ -227,6 +236,7 @@ def test_object_id_matches_only_learned_ids() -> None:
     idx = ClusterIndex(node_name=NODE)
     pod = world(idx)
     ident = identity("a", CID_A)
+    bind(idx, ident)
     assign(idx, pod, ident)
     assert isinstance(run(idx, pod, object_id="oid-1"), Deny)
     d = decide(
@@ -253,3 +263,48 @@ def test_deleting_assignment_is_not_usable() -> None:
 def test_settings_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings().port = 1  # type: ignore[misc]
+
+
+def granted(idx: ClusterIndex, pod: Pod) -> bool:
+    return isinstance(run(idx, pod), Grant)
+
+
+@pytest.mark.parametrize(
+    "revoke",
+    ["delete binding", "delete identity", "relabel pod", "binding to another identity"],
+)
+def test_revocation_stops_service_whether_or_not_mic_keeps_up(revoke: str) -> None:
+    """Standard mode: the assignment alone is not enough; the live binding must still
+    select the pod and name the identity, and the identity must still exist (issue 10)."""
+    idx = ClusterIndex(node_name=NODE)
+    pod = world(idx)
+    ident = identity("a", CID_A)
+    bind(idx, ident)
+    assign(idx, pod, ident)
+    assert granted(idx, pod)
+    binding = idx.binding("default", "b-a")
+    assert binding is not None
+    if revoke == "delete binding":
+        idx.remove(binding)
+    elif revoke == "delete identity":
+        idx.remove(AzureIdentity.parse(ident))
+    elif revoke == "relabel pod":
+        pod = dataclasses.replace(
+            pod, meta=dataclasses.replace(pod.meta, labels={"aadpodidbinding": "other"})
+        )
+        idx.put(pod)
+    else:
+        idx.put(dataclasses.replace(binding, azure_identity="b"))
+    assert not granted(idx, pod)  # the assignment is still there, unchanged
+
+
+def test_the_live_identity_spec_is_used() -> None:
+    idx = ClusterIndex(node_name=NODE)
+    pod = world(idx)
+    ident = identity("a", CID_A)
+    bind(idx, ident)
+    assign(idx, pod, ident)
+    edited = identity("a", CID_B)  # the identity's client id was edited since
+    idx.put(AzureIdentity.parse(edited))
+    d = run(idx, pod)
+    assert isinstance(d, Grant) and d.identity.client_id == CID_B
