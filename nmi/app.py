@@ -166,6 +166,7 @@ class Daemon:
         if s.manage_iptables:
             await self._intercept()
         self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._background.append(asyncio.create_task(self._pin_new_pods(), name="pins"))
         self._background.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
         self._background.append(
             asyncio.create_task(self.cache.run_refresher(in_use=self._token_in_use), name="refresh")
@@ -357,6 +358,33 @@ class Daemon:
         while True:
             await asyncio.sleep(60)
             self.cache.sweep()
+            if self.callers is not None:
+                self.callers.prune()
+
+    async def _pin_new_pods(self) -> None:
+        """Pin pods to the interface the node routes their IP to, as they appear (before
+        they call): an IP taken over by a new sandbox then arrives through another one."""
+        assert self.callers is not None
+        callers = self.callers
+        while True:
+            await self.index.changed.wait(3600)
+            await asyncio.sleep(0.2)  # one route dump for a burst of new pods
+            unpinned = [
+                (pod, ip)
+                for pod in self.index.pods()
+                if pod.can_call and not pod.meta.deleting
+                for ip in pod.ips
+                if not callers.pinned(pod, ip)
+            ]
+            if not unpinned:
+                continue
+            try:
+                routes = await asyncio.to_thread(netfacts.host_route_interfaces)
+            except OSError as exc:
+                log.debug("no host routes for pinning: %s", exc)
+                continue
+            for pod, ip in unpinned:
+                callers.hint(pod, ip, routes.get(ip, 0))
 
     # -- stop ----------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from . import replies
+from .arrival import arrival_interface
 from .messages import Reply, Request, encode
 from .target import Route, classify
 
@@ -109,6 +110,7 @@ class HttpConnection(asyncio.Protocol):
         "admitted",
         "handler",
         "held",
+        "ifindex",
         "last_activity",
         "lingering_until",
         "listener",
@@ -126,6 +128,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
+        self.ifindex = 0  # the interface the connection arrived through (0: unknown)
         self.last_activity = self._loop.time()
         self.request_started = 0.0
         self.write_paused_at = 0.0
@@ -160,6 +163,9 @@ class HttpConnection(asyncio.Protocol):
         if peer:
             ip = str(peer[0])
             self.peer_ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.ifindex = arrival_interface(sock)
         self.admitted = self.listener.opened(self)
         if not self.admitted:
             # Over the connection limits: refused at once, before it can hold anything.
@@ -302,6 +308,7 @@ class HttpConnection(asyncio.Protocol):
             target=(self._url[0] if len(self._url) == 1 else b"".join(self._url)).decode("latin-1"),
             headers=self._headers,
             peer_ip=self.peer_ip,
+            ifindex=self.ifindex,
             keep_alive=parser.should_keep_alive(),
             body=bytes(self._body) if self._body else b"",
             size=self._request_bytes,

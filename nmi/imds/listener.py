@@ -31,6 +31,7 @@ import contextlib
 import resource
 import socket
 
+from .arrival import IP_PKTINFO
 from .connection import HttpConnection, RequestHandler
 
 MAX_CONNECTIONS_PER_IP = 4096  # one pod cannot hold all of the daemon's file descriptors
@@ -111,6 +112,9 @@ class Listener:
             reuse_address=True,
             family=socket.AF_INET6 if ":" in host else socket.AF_INET,
         )
+        for sock in server.sockets:
+            if sock.family == socket.AF_INET:  # so that accepted sockets record their interface
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="listener-sweep")

@@ -57,6 +57,7 @@ class Request:
     target: str
     headers: list[tuple[str, str]]  # as received, names lower-cased
     peer_ip: str
+    ifindex: int = 0  # the interface the connection arrived through (0: unknown)
     keep_alive: bool = True
     body: bytes = b""
     size: int = 0  # bytes of the connection's budget it holds (see Listener.hold)

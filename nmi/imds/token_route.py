@@ -119,7 +119,7 @@ class TokenRoute:
             access = Access(route="token", ip=request.peer_ip)
             self.books.finished(request, access, admitted.status, time.perf_counter() - started)
             return encode(admitted, close=False, head_only=request.method == "HEAD")
-        pod = self.callers.now(request.peer_ip)
+        pod = self.callers.now(request.peer_ip, request.ifindex)
         if isinstance(pod, CallerProblem):
             return None
         served = self.hit(pod, admitted)
@@ -148,7 +148,7 @@ class TokenRoute:
         if isinstance(admitted, Reply):
             return admitted
         access.resource = admitted.resource
-        pod = await self.callers.wait(access.ip)  # a new pod's IP may be a moment late
+        pod = await self.callers.wait(access.ip, request.ifindex)  # new pods: a moment late
         if isinstance(pod, CallerProblem):
             failure = failures.unknown_caller(pod, self.settings)
             self.books.failed(None, failure, access)

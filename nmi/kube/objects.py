@@ -145,6 +145,8 @@ class Pod:
     ips: tuple[str, ...]
     host_network: bool
     created: float = 0.0  # metadata.creationTimestamp, seconds since the epoch (0: unknown)
+    ended: bool = False  # every container has terminated (the sandbox, and its IP, may be gone)
+    ready: bool = False  # condition Ready is True
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Pod:
@@ -158,6 +160,14 @@ class Pod:
         single = _str(status.get("podIP"))
         if single and single not in ips:
             ips.insert(0, single)
+        containers = [c for c in status.get("containerStatuses") or () if isinstance(c, Mapping)]
+        ended = bool(containers) and all(
+            isinstance(c.get("state"), Mapping) and "terminated" in c["state"] for c in containers
+        )
+        ready = any(
+            isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or ()
+        )
         return cls(
             meta=Meta.parse(raw.get("metadata")),
             node_name=_str(spec.get("nodeName")),
@@ -165,17 +175,26 @@ class Pod:
             ips=tuple(ips),
             host_network=bool(spec.get("hostNetwork")),
             created=_timestamp((raw.get("metadata") or {}).get("creationTimestamp")),
+            ended=ended,
+            ready=ready,
         )
 
     @property
     def can_call(self) -> bool:
         """Whether traffic from this pod's IP may be attributed to it.
 
-        Pods that finished (Succeeded/Failed) may still show an IP that has
-        already been handed to a new pod; host-network pods share the node's
-        address, and their traffic is not intercepted anyway.
+        Pods that finished (Succeeded/Failed) or whose containers have all
+        ended may still show an IP that has already been handed to a new pod;
+        host-network pods share the node's address, and their traffic is not
+        intercepted anyway.  (A terminating pod may still call, but only
+        through the interface it was pinned to: see ``identity/caller.py``.)
         """
-        return self.phase in ("Pending", "Running") and not self.host_network and bool(self.ips)
+        return (
+            self.phase in ("Pending", "Running")
+            and not self.host_network
+            and bool(self.ips)
+            and not self.ended
+        )
 
     @property
     def binding_label(self) -> str | None:

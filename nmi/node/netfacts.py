@@ -101,3 +101,19 @@ def pod_attachment(pod_ips: Iterable[str]) -> Attachment:
         if by_oif:
             return Attachment("per-pod", f"{len(ips)} pod IPs on {len(by_oif)} interfaces")
         return Attachment("unknown", "no pod IPs routed and no bridge with a pod subnet")
+
+
+def host_route_interfaces() -> dict[str, int]:
+    """IPv4 /32 routes of the main table without a gateway: pod IP -> its interface.
+
+    Per-pod interfaces (Azure CNI, Calico, a veth per pod) have one each; the
+    interface is what a pod is pinned to before it first calls (see
+    ``identity/caller.py``).  Bridges and Cilium's ``cilium_host`` routes are not
+    per pod and give nothing here.
+    """
+    with RtNetlink() as nl:
+        return {
+            r.dst: r.oif
+            for r in nl.routes()
+            if r.dst_len == 32 and r.oif > 0 and not r.gateway and r.dst
+        }

@@ -245,3 +245,36 @@ async def test_node_facts_from_netlink(node: NodeWorld) -> None:
     code, out, err = await node.net.run(node.net.node, [sys.executable, "-c", script])
     assert code == 0, err
     assert out.split() == [NODE_IP, "per-pod"]
+
+
+async def test_an_ip_taken_over_before_the_api_knows_gets_nothing(node: NodeWorld) -> None:
+    """The network plugin frees a pod's IP before the API server shows the pod gone; a
+    new sandbox that gets the IP must not get the old pod's identity (issue 10 #16)."""
+    from nmi_sandbox.nodeworld import PodHandle
+
+    alice, alice_id = await bound(node, "alice")
+    await node.start_nmi()
+    reply = await node.token(alice)
+    assert reply.status == 200, reply.raw
+    ip = alice.ip
+    # The sandbox goes, and another one with the same IP arrives on a new veth; the API
+    # server still shows alice Running.
+    node.net.remove_pod("alice")
+    mallory = PodHandle(net=node.net.add_pod("mallory", ip=ip), manifest=alice.manifest)
+    for _ in range(3):
+        reply = await node.token(mallory)
+        assert reply.status in (404, 503), reply.raw
+        assert "access_token" not in reply.body
+    assert "arrives through interface" in node.nmi_log_text()
+    # The API catches up: alice is gone, the IP's new owner (unbound) is a pod of its own.
+    node.w.kube.delete("v1", "Pod", "alice", "default")
+    node.w.add_pod("mallory", ip=ip)
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        reply = await node.token(mallory)
+        if reply.status == 400:
+            break
+        assert asyncio.get_running_loop().time() < deadline, reply.raw
+        await asyncio.sleep(0.1)  # a separate process's watch: no signal to wait on
+    assert reply.body["error_description"] == "Identity not found"
+    assert alice_id.client_id not in reply.raw
