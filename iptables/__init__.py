@@ -17,6 +17,7 @@ Typical use::
 """
 
 from .backend import Backend, BackendName, backend_named, choose_backend, detect
+from .bypass import find_bypasses
 from .conntrack import delete_conntrack
 from .drift import find_drift
 from .errors import IptablesError
@@ -24,12 +25,14 @@ from .manager import ReconcileResult, ReconcileStatus, RuleManager
 from .normalize import rule_key, same_rule
 from .rules import TEMPLATE, RuleSpec, desired_state, render, render_uninstall
 from .ruleset import Ruleset, parse_save
+from .watch import NftChanges
 
 __all__ = [
     "TEMPLATE",
     "Backend",
     "BackendName",
     "IptablesError",
+    "NftChanges",
     "ReconcileResult",
     "ReconcileStatus",
     "RuleManager",
@@ -40,6 +43,7 @@ __all__ = [
     "delete_conntrack",
     "desired_state",
     "detect",
+    "find_bypasses",
     "find_drift",
     "parse_save",
     "render",

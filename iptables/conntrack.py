@@ -2,9 +2,12 @@
 
 Conntrack keeps the NAT decision of a flow for the flow's lifetime: a pod's
 connection to the metadata address opened before nmi's DNAT went in keeps
-reaching the node's real IMDS.  With ``--enable-conntrack-deletion`` nmi
-deletes those entries right after installing the rules, using the
-``conntrack`` tool (conntrack-tools).
+reaching the node's real IMDS.  nmi deletes the flows that were never DNATed
+(answered by the metadata address itself) after every install and repair —
+the filter guard already drops their packets, deleting them makes the client
+reconnect through the interception at once — and, with
+``--enable-conntrack-deletion``, every flow to the metadata address at
+start-up, using the ``conntrack`` tool (conntrack-tools).
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from .errors import IptablesError
 _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 
-def conntrack_delete_argv(*, ip: str, port: int) -> list[str]:
-    """``conntrack -D`` of TCP flows whose original destination is ``ip:port``."""
+def conntrack_delete_argv(*, ip: str, port: int, unnatted: bool = False) -> list[str]:
+    """``conntrack -D`` of TCP flows whose original destination is ``ip:port``; with
+    ``unnatted``, only those still answered by ``ip`` itself (never DNATed to nmi)."""
     family = "ipv6" if ipaddress.ip_address(ip).version == 6 else "ipv4"
-    return ["conntrack", "-D", "-f", family, "-p", "tcp", "--orig-dst", ip, "--dport", str(port)]
+    argv = ["conntrack", "-D", "-f", family, "-p", "tcp", "--orig-dst", ip, "--dport", str(port)]
+    if unnatted:
+        argv += ["--reply-src", ip]
+    return argv
 
 
 def parse_deleted(output: str) -> int | None:
@@ -32,11 +39,16 @@ def parse_deleted(output: str) -> int | None:
 
 
 async def delete_conntrack(
-    *, ip: str, port: int, command_prefix: Sequence[str] = (), timeout: float = 30.0
+    *,
+    ip: str,
+    port: int,
+    unnatted: bool = False,
+    command_prefix: Sequence[str] = (),
+    timeout: float = 30.0,
 ) -> int:
     """Delete the flows to ``ip:port``/tcp; return how many went.  None found is success."""
     result = await run_command(
-        conntrack_delete_argv(ip=ip, port=port),
+        conntrack_delete_argv(ip=ip, port=port, unnatted=unnatted),
         prefix=command_prefix,
         timeout=timeout,
         check=False,

@@ -27,6 +27,7 @@ from typing import NoReturn
 
 from . import conntrack
 from .backend import Backend, backend_named, detect
+from .bypass import find_bypasses
 from .command import run_command
 from .drift import find_drift, snapshot
 from .errors import IptablesError
@@ -199,11 +200,20 @@ class RuleManager:
                     log.exception("iptables on_result callback failed")
             await asyncio.sleep(interval)
 
-    async def delete_conntrack(self, *, ip: str, port: int) -> int:
-        """Delete conntrack flows whose original destination is ``ip:port``/tcp."""
+    async def delete_conntrack(self, *, ip: str, port: int, unnatted: bool = False) -> int:
+        """Delete conntrack flows whose original destination is ``ip:port``/tcp (with
+        ``unnatted``: only those that were not DNATed)."""
         return await conntrack.delete_conntrack(
-            ip=ip, port=port, command_prefix=self.command_prefix, timeout=self._timeout
+            ip=ip,
+            port=port,
+            unnatted=unnatted,
+            command_prefix=self.command_prefix,
+            timeout=self._timeout,
         )
+
+    async def bypasses(self, current: Ruleset | None = None) -> list[str]:
+        """Other tools' rules that may take metadata traffic around the DNAT."""
+        return find_bypasses(self.spec, current if current is not None else await self.current())
 
     # -- internals -----------------------------------------------------------
 

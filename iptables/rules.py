@@ -13,7 +13,13 @@ it verbatim in its docs and an operator can diff it against
   ``PREROUTING``, so the node's own processes (``OUTPUT``) keep talking to the
   real IMDS;
 * ``filter``: nmi's listener accepts pod traffic only when it arrived through
-  that DNAT (or over loopback from the node itself).
+  that DNAT (or over loopback from the node itself); and pod traffic that is
+  still addressed to the metadata service after the nat table — delivered
+  locally (``INPUT``) or routed on towards it (``FORWARD``, as on Azure) — is
+  dropped: it escaped the interception (a flushed nat table, a NOTRACK rule,
+  an ``ACCEPT`` ahead of the jump), so the node fails closed whatever else
+  changes its rules.  Optionally, the metrics port is closed to all but the
+  given source ranges.
 
 The input is meant for ``iptables-restore --noflush``: a ``:CHAIN - [0:0]``
 line creates-or-flushes only that chain and the table is committed at once, so
@@ -38,7 +44,7 @@ TEMPLATE = """\
 *raw
 :{chain} - [0:0]
 # Anti-spoofing: drop metadata traffic whose source is routed via another interface.
--A {chain} -d {metadata_ip}/32 -p tcp -m tcp --dport {metadata_port} -m rpfilter --invert -m comment --comment {comment} -j DROP
+{anti_spoofing}
 -I PREROUTING 1 ! -i lo -m comment --comment {comment} -j {chain}
 COMMIT
 *nat
@@ -51,9 +57,26 @@ COMMIT
 :{guard_chain} - [0:0]
 # Guard: nmi's listener is reachable from outside only through the interception above.
 -A {guard_chain} -d {target_ip}/32 ! -i lo -p tcp -m tcp --dport {target_port} -m conntrack ! --ctstate DNAT -m comment --comment {comment} -j DROP
+# Fail-closed: metadata traffic that escaped the interception is dropped, local or routed.
+-A {guard_chain} -d {metadata_ip}/32 ! -i lo -p tcp -m tcp --dport {metadata_port} -m comment --comment {comment} -j DROP
+{metrics}
 -I INPUT 1 -m comment --comment {comment} -j {guard_chain}
+-I FORWARD 1 -m comment --comment {comment} -j {guard_chain}
 COMMIT
 """  # noqa: E501
+
+_ANTI_SPOOFING = (
+    "-A {chain} -d {metadata_ip}/32 -p tcp -m tcp --dport {metadata_port} -m rpfilter --invert "
+    "-m comment --comment {comment} -j DROP"
+)
+_METRICS_ALLOW = (
+    "-A {guard_chain} -s {source} -p tcp -m tcp --dport {metrics_port} "
+    "-m comment --comment {comment} -j RETURN"
+)
+_METRICS_DROP = (
+    "-A {guard_chain} ! -i lo -p tcp -m tcp --dport {metrics_port} "
+    "-m comment --comment {comment} -j DROP"
+)
 
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,28}$")
 _COMMENT = re.compile(r"^[A-Za-z0-9_.:/=@+-]{1,200}$")
@@ -72,6 +95,12 @@ class RuleSpec:
     chain: str = "NMI-METADATA"
     guard_chain: str = "NMI-LISTENER"
     comment: str = "nmi"
+    # Off where the network plugin routes pods' IPs through one device (Cilium's
+    # cilium_host) and verifies their source addresses itself.
+    anti_spoofing: bool = True
+    # With sources: only these ranges (and loopback) reach the metrics port.
+    metrics_port: int = 0
+    metrics_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for label, value in (("metadata_ip", self.metadata_ip), ("target_ip", self.target_ip)):
@@ -98,6 +127,18 @@ class RuleSpec:
             raise ValueError(
                 f"comment must be a single word of safe characters, got {self.comment!r}"
             )
+        if self.metrics_sources:
+            if isinstance(self.metrics_port, bool) or not 0 < self.metrics_port < 65536:
+                raise ValueError("metrics_port must be a TCP port when metrics_sources are given")
+            for source in self.metrics_sources:
+                try:
+                    network = ipaddress.ip_network(source, strict=False)
+                except ValueError:
+                    raise ValueError(f"metrics source {source!r} is not a CIDR") from None
+                if network.version != 4 or str(network) != source:
+                    raise ValueError(
+                        f"metrics source must be a canonical IPv4 CIDR ({network}), got {source!r}"
+                    )
 
 
 @dataclass(frozen=True)
@@ -120,15 +161,26 @@ class DesiredTable:
 
 def template_text(spec: RuleSpec) -> str:
     """The template filled in: the install input for a node without any of our rules."""
-    return TEMPLATE.format(
-        metadata_ip=spec.metadata_ip,
-        metadata_port=spec.metadata_port,
-        target_ip=spec.target_ip,
-        target_port=spec.target_port,
-        chain=spec.chain,
-        guard_chain=spec.guard_chain,
-        comment=spec.comment,
+    values = {
+        "metadata_ip": spec.metadata_ip,
+        "metadata_port": spec.metadata_port,
+        "target_ip": spec.target_ip,
+        "target_port": spec.target_port,
+        "chain": spec.chain,
+        "guard_chain": spec.guard_chain,
+        "comment": spec.comment,
+        "metrics_port": spec.metrics_port,
+    }
+    metrics = []
+    if spec.metrics_sources:
+        metrics = [_METRICS_ALLOW.format(**values, source=s) for s in spec.metrics_sources]
+        metrics.append(_METRICS_DROP.format(**values))
+    text = TEMPLATE.format(
+        **values,
+        anti_spoofing=_ANTI_SPOOFING.format(**values) if spec.anti_spoofing else "",
+        metrics="\n".join(metrics),
     )
+    return "".join(line + "\n" for line in text.splitlines() if line)
 
 
 def desired_state(spec: RuleSpec) -> tuple[DesiredTable, ...]:

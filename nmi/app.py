@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Iterable
 
+import aiohttp
 from prometheus_client.core import Metric
 
 from .config import OperationMode, Settings
@@ -42,7 +43,9 @@ from .kube.index import ClusterIndex
 from .kube.informer import RawApi
 from .kube.secrets import SecretStore
 from .node import netfacts
-from .node.guard import Interception, StartupRefused, make_manager, rule_spec
+from .node.guard import Interception, StartupRefused, detect_plugin, make_manager, rule_spec
+from .node.taint import TaintError, remove_startup_taint
+from .ops import events
 from .ops.events import EventRecorder
 from .ops.last_errors import LastErrors
 from .ops.looplag import LoopLag
@@ -207,19 +210,35 @@ class Daemon:
             # Pods reach nmi through a DNAT to the node address (no route_localnet needed):
             # listen there too; the loopback listener keeps serving /host/token.
             await self.listener.listen(target, self.port)
-        spec = rule_spec(s, target, self.port)
+
+        def pod_ips() -> list[str]:
+            return [ip for p in self.index.pods() if p.can_call for ip in p.ips]
+
+        plugin = await detect_plugin(s, pod_ips())
+        spec = rule_spec(s, target, self.port, anti_spoofing=plugin.anti_spoofing)
         manager = await make_manager(s, spec)
         self.interception = Interception(
             settings=s,
             manager=manager,
             target_ip=target,
             target_port=self.port,
-            pod_ips=lambda: [ip for p in self.index.pods() if p.can_call for ip in p.ips],
+            pod_ips=pod_ips,
+            plugin=plugin,
         )
         self.interception.on_result = lambda result: self.metrics.reconciles.labels(
             result.status.value
         ).inc()
+        self.interception.on_bypass = self._bypass_changed
         await self.interception.establish()
+        if s.startup_taint and self._own_api is not None:
+            try:
+                await remove_startup_taint(self._own_api, s.node_name, s.startup_taint)
+            except (TaintError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                # Not fatal: the node stays tainted (no new pods) until the next attempt.
+                log.error("start-up taint %s not removed: %s", s.startup_taint, exc)
+                self._background.append(
+                    asyncio.create_task(self._retry_taint(), name="startup-taint")
+                )
         self.intercepting_at = time.monotonic()
         log.info(
             "interception verified",
@@ -231,6 +250,32 @@ class Daemon:
             },
         )
         self._background.append(asyncio.create_task(self.interception.run(), name="iptables"))
+
+    async def _retry_taint(self) -> None:
+        assert self._own_api is not None
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await remove_startup_taint(
+                    self._own_api, self.settings.node_name, self.settings.startup_taint
+                )
+                return
+            except (TaintError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.warning("start-up taint still not removed: %s", exc)
+                delay = min(delay * 2, 60.0)
+
+    def _bypass_changed(self, bypasses: tuple[str, ...]) -> None:
+        """Another tool's rules bypass the interception (or no longer do): tell the node."""
+        if not bypasses or self.events is None:
+            return
+        self.events.record(
+            events.node(self.settings.node_name),
+            reason=events.INTERCEPTION_BYPASSED,
+            message="Rules of another tool take pods' metadata traffic around nmi; those "
+            "pods are refused until they are removed: " + "; ".join(bypasses),
+            action="Intercept",
+        )
 
     def _collect(self) -> Iterable[Metric]:
         """Scrape-time values: nothing on the request path maintains these."""
@@ -317,6 +362,26 @@ class Daemon:
                 "Bytes of requests being read or queued (bounded per address and in all).",
                 [],
                 [([], lst.held)],
+            )
+        if self.interception is not None:
+            st = self.interception.state
+            yield gauge(
+                "nmi_interception_bypasses",
+                "Rules of other tools that take pods' metadata traffic around nmi's DNAT.",
+                [],
+                [([], len(st.bypasses))],
+            )
+            yield counter(
+                "nmi_interception_repairs",
+                "Times the interception rules were found changed and restored.",
+                [],
+                [([], st.repairs)],
+            )
+            yield counter(
+                "nmi_conntrack_escaped_flows_deleted",
+                "Flows to the metadata address that bypassed nmi, deleted after a repair.",
+                [],
+                [([], st.conntrack_deleted)],
             )
         yield gauge(
             "nmi_requests_in_flight",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from .flags import (
     bool_flag,
     compat_flags,
     compat_warnings,
+    csv,
     go_style,
     hosts,
     non_negative_int,
@@ -113,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         False,
         "let an AzureIdentity use a Secret outside its own namespace",
     )
-    p.add_argument("--probe-address", default="0.0.0.0", help="address of the probe server")
+    p.add_argument(
+        "--probe-address",
+        default="127.0.0.1",
+        help="address of the probe server (loopback: the DaemonSet's probes name host 127.0.0.1)",
+    )
     p.add_argument("--prometheus-address", default="0.0.0.0", help="address of the metrics server")
     p.add_argument(
         "--upstream-timeout", type=seconds, default=30.0, help="timeout of upstream calls"
@@ -157,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-socket",
         default="/run/nmi/admin.sock",
         help="read-only admin endpoint (Unix socket) for 'nmi explain'; empty to disable",
+    )
+    p.add_argument(
+        "--metrics-allowed-sources",
+        type=csv,
+        default=(),
+        help="CIDRs (comma-separated) that may reach --prometheus-port, enforced by nmi's "
+        "rules; empty: open",
+    )
+    p.add_argument(
+        "--startup-taint",
+        default="",
+        help="taint key nmi removes from its node once its rules are verified (node pools "
+        "are created with it, see the README); empty: none",
+    )
+    p.add_argument(
+        "--secret-label",
+        default="",
+        help="KEY or KEY=VALUE: only Secrets carrying this label may hold an identity's "
+        "credential; empty: any Secret of the identity's namespace",
     )
     compat_flags(p, COMPAT_FLAGS)
     return p
@@ -202,7 +227,21 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         iptables_backend=args.iptables_backend,
         kube_events=args.kube_events,
         admin_socket=args.admin_socket,
+        metrics_allowed_sources=tuple(
+            str(ipaddress.ip_network(c, strict=False)) if _is_network(c) else c
+            for c in args.metrics_allowed_sources
+        ),
+        startup_taint=args.startup_taint,
+        secret_label=args.secret_label,
     )
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _warn_compat(args: argparse.Namespace) -> None:

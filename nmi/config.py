@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 
@@ -40,6 +41,11 @@ KNOWN_AUTHORITY_HOSTS: frozenset[str] = frozenset(
 )
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com/"
+
+# A qualified Kubernetes key: [prefix/]name (label and taint keys).
+_TAINT_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 
 
 class ConfigError(ValueError):
@@ -87,6 +93,9 @@ class Settings:
     iptables_backend: str = "auto"
     kube_events: bool = True
     admin_socket: str = ""  # empty: no admin endpoint (the CLI defaults to /run/nmi/admin.sock)
+    metrics_allowed_sources: tuple[str, ...] = ()  # CIDRs; empty: the metrics port is open
+    startup_taint: str = ""  # taint key removed from the node once interception is verified
+    secret_label: str = ""  # key or key=value a Secret must carry to be used; empty: any
 
     def __post_init__(self) -> None:
         if not self.node_name:
@@ -123,6 +132,21 @@ class Settings:
             raise ConfigError("--per-pod-rate must be >= 0 and --per-pod-burst >= 1")
         if self.iptables_backend not in ("auto", "nft", "legacy"):
             raise ConfigError("--iptables-backend must be auto, nft or legacy")
+        for source in self.metrics_allowed_sources:
+            try:
+                network = ipaddress.ip_network(source, strict=False)
+            except ValueError:
+                raise ConfigError(f"--metrics-allowed-sources: {source!r} is not a CIDR") from None
+            if network.version != 4 or str(network) != source:
+                raise ConfigError(
+                    f"--metrics-allowed-sources: write {source!r} as an IPv4 CIDR ({network})"
+                )
+        if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
+            raise ConfigError(f"--startup-taint={self.startup_taint!r} is not a taint key")
+        if self.secret_label:
+            key, _, _ = self.secret_label.partition("=")
+            if not _TAINT_KEY.match(key):
+                raise ConfigError(f"--secret-label={self.secret_label!r} is not key or key=value")
 
     @property
     def namespaced_everywhere(self) -> bool:

@@ -81,6 +81,7 @@ class NodeWorld:
         self.nmi: asyncio.subprocess.Process | None = None
         self.nmi_port = 2579
         self.probe_port = 8085
+        self.metrics_port = 9090
         self.pods: dict[str, PodHandle] = {}
         self.nmi_log: Path | None = None
         self._log_count = 0
@@ -142,6 +143,7 @@ class NodeWorld:
             f"--node-ip={NODE_IP}",
             f"--nmi-port={self.nmi_port}",
             f"--http-probe-port={self.probe_port}",
+            f"--prometheus-port={self.metrics_port}",
             "--probe-address=127.0.0.1",
             f"--allowed-authority-hosts={w.aad.authority_host}",
             "--find-identity-retry-interval=1",
@@ -193,25 +195,33 @@ class NodeWorld:
 
     async def probe(self, path: str) -> int:
         """GET on nmi's probe port from inside the node namespace; 0 if nothing answers."""
-        with self.net.entered():
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.probe_port, family=socket.AF_INET), 2
-                )
-            except (OSError, TimeoutError):
-                return 0
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 5)
-        except (OSError, TimeoutError):
-            return 0
-        finally:
-            writer.close()
+        data = await self._node_get("127.0.0.1", self.probe_port, path)
         try:
             return int(data.split(b" ", 2)[1])
         except (IndexError, ValueError):
             return 0
+
+    async def metrics(self, host: str = "127.0.0.1") -> str:
+        """nmi's /metrics, fetched from inside the node namespace ("" if nothing answers)."""
+        data = await self._node_get(host, self.metrics_port, "/metrics")
+        return data.partition(b"\r\n\r\n")[2].decode(errors="replace")
+
+    async def _node_get(self, host: str, port: int, path: str) -> bytes:
+        with self.net.entered():
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, family=socket.AF_INET), 2
+                )
+            except (OSError, TimeoutError):
+                return b""
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), 5)
+        except (OSError, TimeoutError):
+            return b""
+        finally:
+            writer.close()
 
     async def wait_exit(self, timeout: float = 30.0) -> tuple[int, str]:
         assert self.nmi is not None
@@ -250,9 +260,15 @@ class NodeWorld:
         return handle
 
     async def curl(
-        self, pod: PodHandle, target: str, *, metadata: bool = True, timeout: float = 5.0
+        self,
+        pod: PodHandle,
+        target: str,
+        *,
+        metadata: bool = True,
+        timeout: float = 5.0,
+        url: str = "",
     ) -> CurlResult:
-        """curl http://169.254.169.254<target> from inside the pod."""
+        """curl http://169.254.169.254<target> (or ``url``) from inside the pod."""
         argv = [
             "curl",
             "-sS",
@@ -262,7 +278,7 @@ class NodeWorld:
             "-",
             "-w",
             "\n%{http_code}",
-            f"http://{METADATA_IP}{target}",
+            url or f"http://{METADATA_IP}{target}",
         ]
         if metadata:
             argv[1:1] = ["-H", "Metadata: true"]
@@ -280,12 +296,17 @@ class NodeWorld:
         return CurlResult(exit_code=code, status=http_status, body=body, raw=text or err)
 
     async def token(
-        self, pod: PodHandle, resource: str = "https://management.azure.com", **params: str
+        self,
+        pod: PodHandle,
+        resource: str = "https://management.azure.com",
+        *,
+        timeout: float = 5.0,
+        **params: str,
     ) -> CurlResult:
         from urllib.parse import urlencode
 
         query = urlencode({"api-version": "2018-02-01", "resource": resource, **params})
-        return await self.curl(pod, f"/metadata/identity/oauth2/token?{query}")
+        return await self.curl(pod, f"/metadata/identity/oauth2/token?{query}", timeout=timeout)
 
 
 __all__ = ["METADATA_IP", "NODE_IP", "CurlResult", "NodeWorld", "PodHandle"]

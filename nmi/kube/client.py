@@ -68,5 +68,24 @@ class KubeApi:
         )
         return response
 
+    async def patch(
+        self,
+        path: str,
+        body: Any,
+        *,
+        content_type: str = "application/json-patch+json",
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        response: aiohttp.ClientResponse = await self._api.call_api(
+            path,
+            "PATCH",
+            body=body,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        return response
+
     async def close(self) -> None:
         await self._api.close()

@@ -1,4 +1,5 @@
-"""Kubernetes Events on the pod when its token request is refused or fails.
+"""Kubernetes Events on the pod when its token request is refused or fails (and on
+the objects the controller and the node guard report about).
 
 Why: an application owner sees "Identity not found" in their SDK's stack trace
 and nothing else; the reason (no binding selects the pod's label, MIC has not
@@ -52,6 +53,7 @@ MULTIPLE_IDENTITIES = "MultipleIdentities"
 IDENTITY_NOT_ASSIGNED = "IdentityNotAssigned"
 TOKEN_REQUEST_FAILED = "TokenRequestFailed"
 IDENTITY_MISCONFIGURED = "IdentityMisconfigured"
+INTERCEPTION_BYPASSED = "InterceptionBypassed"  # on the node
 
 REASONS = (
     IDENTITY_NOT_FOUND,
@@ -92,6 +94,38 @@ def rfc3339(epoch: float, *, micro: bool = False) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# -- what an Event is about ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Involved:
+    """The object an Event is about (its ``involvedObject``)."""
+
+    kind: str
+    api_version: str
+    namespace: str  # "" for cluster-scoped objects (their Events live in "default")
+    name: str
+    uid: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.uid or f"{self.kind}/{self.namespace}/{self.name}"
+
+    @property
+    def event_namespace(self) -> str:
+        return self.namespace or "default"
+
+
+def about(obj: Pod | Involved) -> Involved:
+    if isinstance(obj, Involved):
+        return obj
+    return Involved("Pod", "v1", obj.meta.namespace, obj.meta.name, obj.meta.uid)
+
+
+def node(name: str, uid: str = "") -> Involved:
+    return Involved("Node", "v1", "", name, uid)
+
+
 # -- the recorder ----------------------------------------------------------------
 
 
@@ -122,7 +156,7 @@ class _KeyState:
     pending: int = 0  # occurrences not reported yet
     pending_first: float = 0.0  # wall time of the first unreported occurrence
     pending_last: float = 0.0  # wall time of the last unreported occurrence
-    pod: Pod | None = None
+    about: Involved | None = None
     message: str = ""
     type: str = WARNING
     action: str = ACTION_GET_TOKEN
@@ -187,7 +221,7 @@ class EventRecorder:
 
     def record(
         self,
-        pod: Pod,
+        pod: Pod | Involved,
         *,
         reason: str,
         message: str,
@@ -196,15 +230,17 @@ class EventRecorder:
     ) -> None:
         """Note one occurrence; an Event is queued unless rate limiting folds it."""
         try:
-            self._record(pod, reason=reason, message=message, type=type, action=action)
+            self._record(about(pod), reason=reason, message=message, type=type, action=action)
         except Exception:  # never let observability break a request
             log.debug("event not recorded", exc_info=True)
 
-    def _record(self, pod: Pod, *, reason: str, message: str, type: str, action: str) -> None:
+    def _record(
+        self, target: Involved, *, reason: str, message: str, type: str, action: str
+    ) -> None:
         self.recorded += 1
         now = self._clock()
         wall = self._wall()
-        key = (pod.meta.uid or pod.meta.key, reason)
+        key = (target.key, reason)
         state = self._keys.get(key)
         if state is None:
             if len(self._keys) >= self.max_tracked:
@@ -219,7 +255,7 @@ class EventRecorder:
             state.pending_first = wall
         state.pending += 1
         state.pending_last = wall
-        state.pod, state.message, state.type, state.action = pod, message, type, action
+        state.about, state.message, state.type, state.action = target, message, type, action
         if now - state.last_emitted < self.per_pod_interval:
             self.suppressed += 1
             self._poke()
@@ -244,7 +280,7 @@ class EventRecorder:
         return False
 
     def _emit(self, key: tuple[str, str], state: _KeyState, now: float) -> None:
-        assert state.pod is not None
+        assert state.about is not None
         count = state.pending
         message = state.message
         if count > 1:
@@ -253,7 +289,7 @@ class EventRecorder:
                 window = max(window, now - state.last_emitted)
             message = f"{message} ({count - 1} more in the last {_seconds(window)})"
         body = self.event_body(
-            state.pod,
+            state.about,
             reason=key[1],
             message=message,
             type=state.type,
@@ -262,7 +298,7 @@ class EventRecorder:
             first=state.pending_first,
             last=state.pending_last,
         )
-        self._queue.put_nowait(_Outgoing(state.pod.meta.namespace, body))
+        self._queue.put_nowait(_Outgoing(state.about.event_namespace, body))
         state.last_emitted = now
         state.pending = 0
         self._poke()
@@ -282,7 +318,7 @@ class EventRecorder:
         now = self._clock()
         queued = 0
         for key, state in list(self._keys.items()):
-            if not state.pending or state.pod is None:
+            if not state.pending or state.about is None:
                 continue
             if now - state.last_emitted < self.per_pod_interval:
                 continue
@@ -327,7 +363,7 @@ class EventRecorder:
 
     def event_body(
         self,
-        pod: Pod,
+        obj: Pod | Involved,
         *,
         reason: str,
         message: str,
@@ -337,7 +373,8 @@ class EventRecorder:
         first: float | None = None,
         last: float | None = None,
     ) -> dict[str, Any]:
-        """A core/v1 Event about ``pod``, as client-go's recorder writes it."""
+        """A core/v1 Event about ``obj``, as client-go's recorder writes it."""
+        target = about(obj)
         now = self._wall()
         first = now if first is None else first
         last = now if last is None else last
@@ -345,15 +382,15 @@ class EventRecorder:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": self._name_for(pod.meta.name or "pod"),
-                "namespace": pod.meta.namespace,
+                "name": self._name_for(target.name or target.kind.lower()),
+                "namespace": target.event_namespace,
             },
             "involvedObject": {
-                "kind": "Pod",
-                "apiVersion": "v1",
-                "namespace": pod.meta.namespace,
-                "name": pod.meta.name,
-                "uid": pod.meta.uid,
+                "kind": target.kind,
+                "apiVersion": target.api_version,
+                **({"namespace": target.namespace} if target.namespace else {}),
+                "name": target.name,
+                **({"uid": target.uid} if target.uid else {}),
             },
             "reason": reason,
             "message": scrub(message),

@@ -69,6 +69,7 @@ class TokenService:
                 raise CredentialError(
                     f"secret {ns}/{name} of identity {identity.meta.key} not found"
                 )
+            self._check_label(secret)
             return _key(identity, resource, secret)
         if identity.type == IdentityType.USER_ASSIGNED_MSI:
             return _key(identity, resource, None)
@@ -90,7 +91,7 @@ class TokenService:
             except CredentialError:
                 return None
             secret = self.secrets.peek(namespace, name)
-            if secret is None:
+            if secret is None or not self._labelled(secret):
                 return None
         elif identity.type != IdentityType.USER_ASSIGNED_MSI:
             return None
@@ -100,6 +101,22 @@ class TokenService:
         self, *, resource: str, client_id: str, object_id: str, resource_id: str
     ) -> Token | None:
         return self.cache.hit(_node_key(resource, client_id, object_id, resource_id))
+
+    def _labelled(self, secret: Secret) -> bool:
+        """Whether ``--secret-label`` (if any) lets this Secret hold a credential."""
+        wanted = self.settings.secret_label
+        if not wanted:
+            return True
+        key, sep, value = wanted.partition("=")
+        have = secret.meta.labels.get(key)
+        return have is not None and (not sep or have == value)
+
+    def _check_label(self, secret: Secret) -> None:
+        if not self._labelled(secret):
+            raise CredentialError(
+                f"secret {secret.meta.key} does not carry the label {self.settings.secret_label} "
+                "that --secret-label requires of credential Secrets"
+            )
 
     def _secret_location(self, identity: AzureIdentity) -> tuple[str, str]:
         ref = identity.secret_ref
@@ -152,6 +169,7 @@ class TokenService:
         secret = await self.secrets.get(ns, name)
         if secret is None:
             raise CredentialError(f"secret {ns}/{name} of identity {identity.meta.key} not found")
+        self._check_label(secret)
         if identity.type == IdentityType.SERVICE_PRINCIPAL:
             credential: object = client_secret_from(secret)
         else:

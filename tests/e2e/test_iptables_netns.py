@@ -168,15 +168,16 @@ async def test_install_is_idempotent_and_visible(
 
     dump = parse_save(await save(ns, backend))
     rendered = render(SPEC)
-    for table, name in (
-        ("raw", "NMI-METADATA"),
-        ("nat", "NMI-METADATA"),
-        ("filter", "NMI-LISTENER"),
+    for table, name, count in (
+        ("raw", "NMI-METADATA", 1),
+        ("nat", "NMI-METADATA", 1),
+        ("filter", "NMI-LISTENER", 2),
     ):
         rules = dump.chain(table=table, chain=name)
-        assert rules is not None and len(rules) == 1
+        assert rules is not None and len(rules) == count
         # Rendered in iptables-save's own canonical form: the text round-trips exactly.
-        assert f"-A {name} {rules[0]}\n" in rendered
+        for rule in rules:
+            assert f"-A {name} {rule}\n" in rendered
     assert dump.chain(table="nat", chain="PREROUTING") == [
         "-m comment --comment nmi -j NMI-METADATA",
         KUBE_JUMP,
@@ -185,6 +186,9 @@ async def test_install_is_idempotent_and_visible(
         "! -i lo -m comment --comment nmi -j NMI-METADATA"
     ]
     assert dump.chain(table="filter", chain="INPUT") == ["-m comment --comment nmi -j NMI-LISTENER"]
+    assert dump.chain(table="filter", chain="FORWARD") == [
+        "-m comment --comment nmi -j NMI-LISTENER"
+    ]
     assert dump.chain(table="nat", chain="KUBE-SERVICES") == [KUBE_RULE]
     assert dump.chain(table="nat", chain="OUTPUT") == []  # host traffic never intercepted
 

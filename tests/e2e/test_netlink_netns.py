@@ -59,7 +59,7 @@ with RtNetlink() as nl:
                 for ip in ("10.240.7.9", "10.244.0.77", "10.240.3.3", "192.0.2.10", "10.99.1.1")},
     }
 out["node"] = netfacts.node_address(configured="", metadata_ip="169.254.169.254")
-out["attach_bridge"] = netfacts.pod_attachment(["10.244.0.77", "10.244.0.78"]).style
+out["attach_bridge"] = netfacts.network_plugin(["10.244.0.77", "10.244.0.78"]).style
 print(json.dumps(out))
 """
 
@@ -134,6 +134,55 @@ def test_netlink_answers_what_iproute2_answers(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "link", "del", "cbr0"], check=True)
     style = run_in(
         netns,
-        "from nmi.node import netfacts;print(netfacts.pod_attachment(['10.240.7.9']).style)",
+        "from nmi.node import netfacts;print(netfacts.network_plugin(['10.240.7.9']).style)",
     )
     assert style.strip() == "per-pod"  # a host route to its own interface, no bridge
+
+
+PLUGINS = {
+    # name: (links and routes that plugin leaves on a node, pod IPs, expected plugin, style)
+    "azure-cni": (
+        ["link add azv1a2b3c4 type veth peer name azvpeer1", "link set azv1a2b3c4 up",
+         "route add 10.244.3.4/32 dev azv1a2b3c4"],
+        ["10.244.3.4"], "azure-cni", "per-pod",
+    ),
+    "calico": (
+        ["link add cali12345678 type veth peer name calipeer1", "link set cali12345678 up",
+         "route add 10.244.3.5/32 dev cali12345678"],
+        ["10.244.3.5"], "calico", "per-pod",
+    ),
+    "cilium": (
+        ["link add cilium_host type veth peer name cilium_net", "link set cilium_host up",
+         "link set cilium_net up", "addr add 10.244.9.1/32 dev cilium_host",
+         "route add 10.244.9.0/24 via 10.244.9.1 dev cilium_host src 10.244.9.1"],
+        ["10.244.9.7", "10.244.9.8"], "cilium", "cilium",
+    ),
+    "kubenet": (
+        ["link add cbr0 type bridge", "addr add 10.244.5.1/24 dev cbr0", "link set cbr0 up"],
+        ["10.244.5.7", "10.244.5.8"], "kubenet", "shared-bridge",
+    ),
+    "azure-cni-bridge": (
+        ["link add azure0 type bridge", "addr add 10.244.6.1/24 dev azure0",
+         "link set azure0 up"],
+        [], "azure-cni-bridge", "shared-bridge",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plugin", sorted(PLUGINS))
+def test_each_supported_network_plugin_is_recognised(plugin: str) -> None:
+    setup, pod_ips, name, style = PLUGINS[plugin]
+    ns = f"{PREFIX}{secrets.token_hex(4)}-plugin"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for line in ["link set lo up", *setup]:
+            subprocess.run(["ip", "-n", ns, *line.split()], check=True)
+        found = run_in(
+            ns,
+            "from nmi.node import netfacts;"
+            f"p = netfacts.network_plugin({pod_ips!r});"
+            "print(p.name, p.style, p.anti_spoofing)",
+        ).split()
+        assert found == [name, style, str(style != "cilium")]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

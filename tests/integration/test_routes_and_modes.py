@@ -185,3 +185,49 @@ async def test_garbage_requests_get_json_and_service_continues(running: Loopback
         assert json.loads(body)["error"] in ("invalid_request", "not_found", "method_not_allowed")
     reply = await running.get_token(running.pod_ip(pod))
     assert reply.status == 200
+
+
+async def test_metadata_header_not_required(world: LoopbackWorld) -> None:
+    """--metadata-header-required=false: the header is no longer needed (and the start-up
+    path probe does not depend on it)."""
+    await world.start_daemon(metadata_header_required=False)
+    ident = world.add_user_assigned_identity("no-header-id")
+    pod = world.add_pod("no-header", selector=ident.selector)
+    world.assign(pod, ident)
+    await world.pod_visible(pod)
+    await world.synced(lambda idx: bool(idx.assignments("default", "no-header")))
+    reply = await world.get_token(world.pod_ip(pod), metadata=False)
+    assert reply.status == 200, reply.body
+    # The other checks keep their order and answers.
+    reply = await world.request(
+        world.pod_ip(pod), "/metadata/identity/oauth2/token?resource=x", method="POST"
+    )
+    assert reply.status == 405
+
+
+async def test_secret_label_closes_the_confused_deputy(world: LoopbackWorld) -> None:
+    """--secret-label: whoever may create an AzureIdentity in a namespace can otherwise make
+    nmi use every service-principal Secret there; with it, only labelled Secrets count."""
+    await world.start_daemon(secret_label="aadpodidentity.k8s.io/credential=true")
+    ident = world.add_service_principal("labelled-id")
+    pod = world.add_pod("labelled", selector=ident.selector)
+    world.assign(pod, ident)
+    await world.pod_visible(pod)
+    await world.synced(lambda idx: bool(idx.assignments("default", "labelled")))
+    reply = await world.get_token(world.pod_ip(pod))
+    assert reply.status == 400, reply.body
+    assert "--secret-label" in reply.body["error_description"]
+    world.kube.patch(
+        "v1",
+        "Secret",
+        "labelled-id-credential",
+        "default",
+        {"metadata": {"labels": {"aadpodidentity.k8s.io/credential": "true"}}},
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the Secret's watch delivers the label; the next request uses it
+        reply = await world.get_token(world.pod_ip(pod))
+        if reply.status == 200 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert reply.status == 200, reply.body

@@ -836,8 +836,10 @@ EXPECTED_ARGS = [
     "--node-ip=$(HOST_IP)",
     "--http-probe-port=8085",
     "--prometheus-port=9090",
-    "--probe-address=0.0.0.0",
+    "--probe-address=127.0.0.1",
     "--prometheus-address=0.0.0.0",
+    "--metrics-allowed-sources=",
+    "--startup-taint=nmi.aadpodidentity.k8s.io/agent-not-ready",
     "--metadata-header-required=true",
     "--log-format=json",
 ]
@@ -930,10 +932,13 @@ def test_daemonset_volumes() -> None:
 def test_daemonset_probes_and_ports() -> None:
     container = _container()
     ready = container["readinessProbe"]
-    assert ready["httpGet"] == {"path": "/readyz", "port": 8085}
+    # The probe server listens on the node's loopback only; the kubelet probes a hostNetwork
+    # pod from the node, so it reaches 127.0.0.1 (pods cannot).
+    assert ready["httpGet"] == {"host": "127.0.0.1", "path": "/readyz", "port": 8085}
     assert (ready["periodSeconds"], ready["failureThreshold"]) == (5, 3)
     live = container["livenessProbe"]
-    assert live["httpGet"] == {"path": "/healthz", "port": 8085}
+    assert live["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": 8085}
+    assert "--probe-address=127.0.0.1" in container["args"]
     assert (live["initialDelaySeconds"], live["periodSeconds"], live["failureThreshold"]) == (
         10,
         10,
@@ -974,6 +979,7 @@ EXPECTED_PERMISSIONS = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "secrets"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
+    ("", "nodes"): {"get", "patch"},  # the start-up taint of its own node, nothing else
     **{(GROUP, plural): {"get", "list", "watch"} for plural in CUSTOM_KINDS.values()},
 }
 
@@ -999,12 +1005,13 @@ def test_rbac_is_least_privilege() -> None:
     assert _permissions(rules) == EXPECTED_PERMISSIONS
 
 
-def test_rbac_writes_nothing_but_events() -> None:
+def test_rbac_writes_nothing_but_events_and_the_startup_taint() -> None:
     writes = {"create", "update", "patch", "delete", "deletecollection"}
     special = {"escalate", "bind", "impersonate", "use", "approve", "sign", "proxy"}
     granted = _permissions(_one(SOURCES, "ClusterRole", "nmi")["rules"])
     writers = {res for res, verbs in granted.items() if verbs & writes}
-    assert writers == {("", "events")}
+    assert writers == {("", "events"), ("", "nodes")}
+    assert granted[("", "nodes")] == {"get", "patch"}  # never list: one node, by name
     assert not any(verbs & special for verbs in granted.values())
     assert granted[("", "secrets")] == {"get", "list", "watch"}
     assert granted[("", "events")] == {"create", "patch"}
