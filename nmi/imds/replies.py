@@ -129,13 +129,28 @@ class TokenBodies:
 
     Only ``expires_in``/``expires_on``/``ext_expires_in`` change between two
     answers with the same token, so each (token, client id, resource) keeps
-    its pre-encoded pieces; rendering is then a few concatenations.
+    its pre-encoded pieces; rendering is then a few concatenations.  Bounded in
+    entries and bytes (both maps are dropped together when either is reached:
+    they only hold what the token cache can render again).
     """
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 16 << 20) -> None:
         self._parts: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, bytes]] = {}
         self._whole: dict[tuple[str, str, str], tuple[int, bytes]] = {}
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def _room(self, size: int) -> None:
+        if (
+            len(self._parts) >= self._max
+            or len(self._whole) >= self._max
+            or self.bytes + size > self._max_bytes
+        ):
+            self._parts.clear()
+            self._whole.clear()
+            self.bytes = 0
+        self.bytes += size
 
     def response(
         self,
@@ -168,8 +183,8 @@ class TokenBodies:
             token_type=token_type,
         )
         data = encode(Reply(200, body), close=False)
-        if len(self._whole) >= self._max:
-            self._whole.clear()
+        if key not in self._whole:
+            self._room(len(data) + 200)
         self._whole[key] = (now, data)
         return data
 
@@ -187,8 +202,7 @@ class TokenBodies:
         key = (access_token, client_id, resource)
         parts = self._parts.get(key)
         if parts is None:
-            if len(self._parts) >= self._max:
-                self._parts.clear()
+            self._room(len(access_token) + len(resource) + 400)
             parts = (
                 b'{"access_token":'
                 + _j(access_token)

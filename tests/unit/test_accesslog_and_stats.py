@@ -140,3 +140,20 @@ def test_repeated_refusals_leave_one_line_per_interval_with_the_count() -> None:
     now[0] += 10.0
     assert lines.admit("10.0.0.1", 400, "token") == 500  # the count rides on the next line
     assert lines.suppressed == 500
+
+
+def test_the_render_cache_is_bounded_in_bytes() -> None:
+    from nmi.imds.replies import TokenBodies
+
+    bodies = TokenBodies(max_entries=10_000, max_bytes=200_000)
+    for i in range(500):
+        bodies.response(
+            access_token="t" * 2000 + str(i),
+            client_id="c",
+            expires_on=2_000_000_000,
+            not_before=0,
+            now=1_000_000_000,
+            resource="r",
+            token_type="Bearer",
+        )
+        assert bodies.bytes <= 200_000
