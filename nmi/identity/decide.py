@@ -18,6 +18,7 @@ empty list after namespace filtering is a denial, never a crash.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -205,9 +206,14 @@ def assignment_status(
     requires what it was made from, live: the binding must still exist and select
     the pod, and the identity must still exist — so deleting either, or relabelling
     the pod, stops service on the next request whether or not the controller has
-    caught up — and it is the live identity's spec that is used.
+    caught up — and it is the live identity's spec that is used.  Bindings,
+    identities and assignments arrive on separate watches: while an assignment is
+    younger than ``--new-pod-grace``, what it was made from may simply not have
+    arrived yet, so it is PENDING (the request waits for the view to change)
+    rather than IGNORED.
     """
     a = assignment
+    young = bool(a.created) and time.time() - a.created < settings.new_pod_grace
     if a.meta.deleting:
         return IGNORED, "being deleted", None
     if a.state == AssignedState.UNASSIGNED:
@@ -217,9 +223,13 @@ def assignment_status(
     embedded = a.identity
     identity = index.identity(embedded.meta.namespace, embedded.meta.name)
     if identity is None:
+        if young:
+            return PENDING, f"AzureIdentity {embedded.meta.key} not seen yet", embedded
         return IGNORED, f"AzureIdentity {embedded.meta.key} no longer exists", None
     why = _binding_problem(index, pod, a, identity, settings)
     if why:
+        if young:
+            return PENDING, f"{why} (not seen yet?)", identity
         return IGNORED, why, None
     if not namespace_allows(identity, pod, settings):
         return (

@@ -78,11 +78,16 @@ class Resolver:
                 else self.settings.wait_for_assigned
             )
             remaining = started + bound - time.monotonic()
-            if remaining <= 0 or not await self.index.changed.wait(remaining):
-                if remaining > 0:
-                    # The signal timed out: decide one last time on the final view.
-                    decision = self.decide_now(current, selector)
+            if remaining <= 0:
                 return decision, time.monotonic() - started
+            # Woken by a change, or after at most the grace: an assignment whose binding
+            # or identity has not arrived is pending only for that long (see decide).
+            step = min(remaining, self.settings.new_pod_grace or remaining)
+            if not await self.index.changed.wait(step):
+                if step >= remaining:
+                    # The signal timed out: decide one last time on the final view.
+                    return self.decide_now(current, selector), time.monotonic() - started
+                continue
             latest = self.index.pod(pod.meta.namespace, pod.meta.name)
             if latest is None or latest.meta.uid != pod.meta.uid or not latest.can_call:
                 return Deny(

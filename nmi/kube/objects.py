@@ -305,6 +305,7 @@ class AzureAssignedIdentity:
     identity: AzureIdentity
     binding: AzureIdentityBinding | None
     state: str
+    created: float = 0.0  # metadata.creationTimestamp, epoch seconds (0: unknown)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> AzureAssignedIdentity:
@@ -322,6 +323,7 @@ class AzureAssignedIdentity:
             if isinstance(binding_raw, Mapping)
             else None,
             state=_str(field_ci(status, "status")),
+            created=_timestamp((raw.get("metadata") or {}).get("creationTimestamp")),
         )
 
 

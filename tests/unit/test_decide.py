@@ -308,3 +308,26 @@ def test_the_live_identity_spec_is_used() -> None:
     idx.put(AzureIdentity.parse(edited))
     d = run(idx, pod)
     assert isinstance(d, Grant) and d.identity.client_id == CID_B
+
+
+def test_a_young_assignment_waits_for_its_binding_to_arrive_an_old_one_is_refused() -> None:
+    """Assignments and bindings come on separate watches: nmi may see the assignment first."""
+    import datetime
+    import time
+
+    idx = ClusterIndex(node_name=NODE)
+    pod = world(idx)
+    ident = identity("a", CID_A)
+    idx.put(AzureIdentity.parse(ident))  # the binding has not arrived yet
+    for age, expected in ((0.0, Wait), (3600.0, Deny)):
+        raw = m.assigned_identity(
+            pod_name="app",
+            pod_namespace="default",
+            node=NODE,
+            identity=ident,
+            binding_obj=m.binding(name="b-a", namespace="default", identity="a", selector="sel"),
+        )
+        stamp = datetime.datetime.fromtimestamp(time.time() - age, datetime.UTC)
+        raw["metadata"]["creationTimestamp"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        idx.put(AzureAssignedIdentity.parse(raw))
+        assert isinstance(run(idx, pod), expected), age
