@@ -12,13 +12,11 @@ why (:data:`COMPAT_FLAGS`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
 from .config import ConfigError, LogFormat, OperationMode, Settings
@@ -33,6 +31,7 @@ from .flags import (
     port,
     seconds,
 )
+from .loop import run_loop
 from .ops import logs
 
 log = logging.getLogger("nmi")
@@ -249,15 +248,6 @@ def _warn_compat(args: argparse.Namespace) -> None:
         log.warning(line)
 
 
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed (it is a dependency on Linux)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return int(uvloop.run(coro))
-
-
 def _sandbox(argv: Sequence[str]) -> int:
     """``nmi sandbox`` lives in ``nmi_sandbox``, which only a source checkout has: the
     emulators it runs are never part of the distribution nor of the image."""
@@ -281,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .explain.command import main as explain_main
 
         return explain_main(args_list[1:])
+    if args_list and args_list[0] == "mic":
+        from .mic.command import main as mic_main
+
+        return mic_main(args_list[1:])
     if args_list and args_list[0] == "uninstall":
         from .node.uninstall import main as uninstall_main
 

@@ -4,8 +4,10 @@ The emulated cluster, Azure AD and the node's IMDS (on 169.254.169.254:80)
 live inside the node namespace, which has no uplink; nmi runs there as its
 own process with its normal flags and installs its iptables rules in that
 namespace; pods are namespaces on veth pairs (or on a bridge) whose clients
-call the real metadata address.  Used by the e2e tests, the drills and
-``nmi sandbox``.
+call the real metadata address.  The controller (``nmi mic``) can run there
+too, as its own process with the Deployment's flags, against the emulated
+API server and ARM; the node's IMDS then serves only what ARM shows on the
+node.  Used by the e2e tests, the drills and ``nmi sandbox``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class NodeWorld:
         self.net = NodeNetns(style=style, node_ip=NODE_IP, metadata_ip=METADATA_IP)
         self.world: LoopbackWorld | None = None
         self.nmi: asyncio.subprocess.Process | None = None
+        self.mic: asyncio.subprocess.Process | None = None
+        self.mic_probe_port = 8086
+        self.mic_metrics_port = 8889
+        self.mic_log: Path | None = None
         self.nmi_port = 2579
         self.probe_port = 8085
         self.metrics_port = 9090
@@ -108,8 +114,9 @@ class NodeWorld:
 
     async def stop(self) -> None:
         try:
-            if self.nmi is not None and self.nmi.returncode is None:
-                await self.net.kill(self.nmi, signal.SIGKILL)
+            for proc in (self.nmi, self.mic):
+                if proc is not None and proc.returncode is None:
+                    await self.net.kill(proc, signal.SIGKILL)
             if self.world is not None:
                 with self.net.entered():
                     await self.world.stop()
@@ -193,13 +200,66 @@ class NodeWorld:
             # nmi is a separate process: its probe is the only readiness signal there is.
             await asyncio.sleep(0.05)
 
-    async def probe(self, path: str) -> int:
+    async def probe(self, path: str, port: int | None = None) -> int:
         """GET on nmi's probe port from inside the node namespace; 0 if nothing answers."""
-        data = await self._node_get("127.0.0.1", self.probe_port, path)
+        data = await self._node_get("127.0.0.1", port or self.probe_port, path)
         try:
             return int(data.split(b" ", 2)[1])
         except (IndexError, ValueError):
             return 0
+
+    # -- the controller -----------------------------------------------------
+
+    def mic_argv(self, *extra: str) -> list[str]:
+        """``nmi mic`` with the flags of the Deployment in ``daemonset/mic/``."""
+        w = self.w
+        return [
+            sys.executable,
+            "-m",
+            "nmi",
+            "mic",
+            f"--kubeconfig={w.kubeconfig}",
+            f"--cloudconfig={w.cloudconfig}",
+            "--leader-election-namespace=kube-system",
+            "--leader-election-name=nmi-mic",
+            f"--http-probe-port={self.mic_probe_port}",
+            "--probe-address=127.0.0.1",
+            f"--prometheus-port={self.mic_metrics_port}",
+            "--prometheus-address=127.0.0.1",
+            "--log-format=json",
+            *extra,
+        ]
+
+    async def start_mic(self, *extra: str, timeout: float = 60.0) -> float:
+        """Start the controller and wait until it leads (``/healthz`` says ``Active``);
+        from then on the node's IMDS serves only what ARM shows on the node."""
+        w = self.w
+        w.ensure_namespace("kube-system")
+        w.enforce_arm()
+        env = self.nmi_env()
+        env.update(w.cloud_environ(), MIC_POD_NAME="nmi-mic-0")
+        self.mic_log = w.workdir / "mic.log"
+        started = time.monotonic()
+        with open(self.mic_log, "wb") as log:  # noqa: ASYNC230 - once per start, test harness
+            self.mic = await self.net.spawn(
+                self.net.node, self.mic_argv(*extra), env=env, stderr=log
+            )
+        while True:
+            if self.mic.returncode is not None:
+                tail = self.mic_log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nmi mic exited {self.mic.returncode}: {tail}")
+            data = await self._node_get("127.0.0.1", self.mic_probe_port, "/healthz")
+            if data.endswith(b"\r\n\r\nActive"):
+                return time.monotonic() - started
+            if time.monotonic() > started + timeout:
+                raise TimeoutError("nmi mic did not become the leader")
+            # A separate process: its probe is the only signal there is.
+            await asyncio.sleep(0.05)
+
+    async def stop_mic(self) -> int:
+        """SIGTERM the controller (it releases its lease) and wait for it."""
+        assert self.mic is not None
+        return await self.net.kill(self.mic, signal.SIGTERM)
 
     async def metrics(self, host: str = "127.0.0.1") -> str:
         """nmi's /metrics, fetched from inside the node namespace ("" if nothing answers)."""

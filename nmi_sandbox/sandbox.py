@@ -1,13 +1,17 @@
 """``nmi sandbox``: the whole system on this machine, in one command.
 
 As root (the default way): a real node made of network namespaces — a node
-namespace with no uplink holding the emulated Kubernetes API server, Azure AD
-and the node's IMDS on 169.254.169.254:80, pod namespaces on veth pairs — and
-nmi running there as its own process with its normal flags, installing its
-iptables rules.  It then plays MIC and a cluster user: an identity and a
-binding, a pod the binding selects (assigned as MIC would) and a pod nothing
-selects; curl inside each pod asks the real metadata address; the bound pod
-gets its token, the other is refused.  It prints how to ``ip netns exec``
+namespace with no uplink holding the emulated Kubernetes API server, Azure
+AD, Azure Resource Manager and the node's IMDS on 169.254.169.254:80, pod
+namespaces on veth pairs — with nmi and the controller (``nmi mic``) running
+there as their own processes with their normal flags, nmi installing its
+iptables rules.  It then plays a cluster user: an identity and a binding, a
+pod the binding selects and a pod nothing selects, and prints the seed's
+process as it happens - the controller's assignment ``Created``, the
+identity put on the node's scale set through ARM, ``Assigned``, the pod's
+curl (asking the real metadata address) getting its token while the other
+pod is refused; then the pod deleted, its assignment and the identity
+removed.  Nothing but the controller writes assignments.  It prints how to ``ip netns exec``
 into a pod and try it, and runs until Ctrl-C; every namespace is removed on
 exit (and a crashed sandbox's leftovers on the next start).  ``--loopback``
 runs the same demonstration without root, the pods simulated by loopback
@@ -26,16 +30,19 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nmi.config import LogFormat
 from nmi.ops import logs
 from nmi.ops.logs import redact_id
 
-from .world import LoopbackWorld, Reply
+from .narrate import Narrator
+from .world import VMSS, Identity, LoopbackWorld, Reply
 
 RESOURCE = "https://management.azure.com"
+GV = "aadpodidentity.k8s.io/v1"
 
 
 def _claims(token: str) -> dict[str, Any]:
@@ -50,7 +57,8 @@ def _claims(token: str) -> dict[str, Any]:
 
 def _verdict(ok: bool) -> None:
     print(
-        "\nOK: the bound pod got its own token, the unbound pod was refused."
+        "\nOK: the controller assigned the identity and put it on the scale set, the bound pod "
+        "got its own token, the unbound pod was refused, and deleting the pod took both away."
         if ok
         else "\nFAILED: the demonstration did not behave as expected."
     )
@@ -73,53 +81,90 @@ def _show(title: str, reply: Reply) -> None:
         print(json.dumps(body, indent=2))
 
 
+async def _until(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Wait for a condition of the emulated world (False when it never came)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _assignments(world: LoopbackWorld) -> list[dict[str, Any]]:
+    return world.kube.list(GV, "AzureAssignedIdentity")
+
+
+def _created(world: LoopbackWorld, identity: Identity, selector: str, pods: str) -> None:
+    print(
+        "\nthe user creates: AzureIdentity default/demo-identity (type 0, client id "
+        f"{redact_id(identity.client_id)}), AzureIdentityBinding default/demo-identity-binding "
+        f"(selector {selector}),\n                  {pods}"
+    )
+
+
+async def _removal(world: LoopbackWorld, narrator: Narrator, pod: str) -> bool:
+    print(f"\nthe user deletes pod default/{pod}:")
+    world.kube.delete("v1", "Pod", pod, "default")
+    gone = await _until(lambda: not _assignments(world))
+    removed = await _until(lambda: not world.arm.identities_on(world.vmss_id))
+    await narrator.stop()
+    return gone and removed
+
+
 async def demo(*, once: bool, port: int) -> int:
     world = LoopbackWorld()
     await world.start()
     try:
         await world.start_daemon(port=port)
+        await world.start_mic()
         assert world.daemon is not None
         print(f"nmi is serving on {world.token_url} for node {world.node}")
+        print("   the controller (nmi mic) leads; the node is instance 0 of scale set " + VMSS)
         print(f"   Kubernetes API (emulated): {world.kube.url}  kubeconfig: {world.kubeconfig}")
         print(f"   Azure AD (emulated): {world.aad.url}   node IMDS (emulated): {world.imds.url}")
-
+        print(f"   Azure Resource Manager (emulated): {world.arm.url}")
+        narrator = Narrator(world)
+        narrator.start()
         identity = world.add_user_assigned_identity("demo-identity", selector="demo-app")
         bound = world.add_pod("demo-app", selector="demo-app")
-        world.assign(bound, identity)  # what MIC does for this pod
         unbound = world.add_pod("no-identity")
-        await world.pod_visible(bound)
-        await world.pod_visible(unbound)
-        await world.synced(lambda idx: bool(idx.assignments("default", "demo-app")))
-        print(
-            "\ncreated: AzureIdentity default/demo-identity (type 0, client id "
-            f"{redact_id(identity.client_id)}), AzureIdentityBinding selector=demo-app,"
-            f"\n         pod default/demo-app ({world.pod_ip(bound)}, bound and Assigned),"
-            f" pod default/no-identity ({world.pod_ip(unbound)}, no binding)"
+        _created(
+            world,
+            identity,
+            "demo-app",
+            f"pod default/demo-app ({world.pod_ip(bound)}, label aadpodidbinding=demo-app), "
+            f"pod default/no-identity ({world.pod_ip(unbound)}, no label)",
         )
-
         granted = await world.get_token(world.pod_ip(bound), RESOURCE)
-        _show("pod default/demo-app asks for a token", granted)
+        narrator.say(f"pod default/demo-app got its token: HTTP {granted.status}")
         refused = await world.get_token(world.pod_ip(unbound), RESOURCE)
-        _show("pod default/no-identity asks for a token", refused)
         again = await world.get_token(world.pod_ip(bound), RESOURCE)
+        _show("pod default/demo-app asks for a token", granted)
+        _show("pod default/no-identity asks for a token", refused)
+        cached = world.imds.token_requests[(identity.client_id, RESOURCE)] == 1
+        print(
+            "\nupstream IMDS calls for that identity and resource: "
+            f"{world.imds.token_requests[(identity.client_id, RESOURCE)]} "
+            "(the second request was a cache hit)"
+        )
+        cleaned = await _removal(world, narrator, "demo-app")
         ok = (
             granted.status == 200
             and _claims(granted.token).get("appid") == identity.client_id
             and refused.status == 400
             and refused.body.get("error_description") == "Identity not found"
             and again.token == granted.token
-            and world.imds.token_requests[(identity.client_id, RESOURCE)] == 1
-        )
-        print(
-            f"\nupstream IMDS calls for that identity and resource: "
-            f"{world.imds.token_requests[(identity.client_id, RESOURCE)]} "
-            "(the second request was a cache hit)"
+            and cached
+            and cleaned
+            and _steps_seen(narrator)
         )
         _verdict(ok)
         if once:
             return 0 if ok else 1
+        world.add_pod("demo-app", selector="demo-app", ip=world.pod_ip(bound))
         print(
-            "\nTry it yourself while this runs (Ctrl-C to stop):\n"
+            "\npod default/demo-app created again for you to try (Ctrl-C to stop):\n"
             f"  curl -s --interface {world.pod_ip(bound)} -H Metadata:true "
             f"'{world.token_url}/metadata/identity/oauth2/token?api-version=2018-02-01"
             f"&resource={RESOURCE}'\n"
@@ -136,6 +181,24 @@ async def demo(*, once: bool, port: int) -> int:
         await world.stop()
 
 
+def _steps_seen(narrator: Narrator) -> bool:
+    """The seed's process, in order: Created, on the scale set, Assigned, token, deleted,
+    removed from the scale set."""
+    wanted = [
+        "AzureAssignedIdentity default/demo-app-default-demo-identity Created",
+        "identity demo-identity added to scale set",
+        "AzureAssignedIdentity default/demo-app-default-demo-identity Assigned",
+        "pod default/demo-app got its token: HTTP 200",
+        "AzureAssignedIdentity default/demo-app-default-demo-identity deleted",
+        "identity demo-identity removed from scale set",
+    ]
+    position = 0
+    for line in narrator.lines:
+        if position < len(wanted) and wanted[position] in line:
+            position += 1
+    return position == len(wanted)
+
+
 async def node_demo(*, once: bool) -> int:
     from .netns import cleanup_stale
     from .nodeworld import NodeWorld
@@ -145,40 +208,56 @@ async def node_demo(*, once: bool) -> int:
         print(f"removed namespaces left by an earlier sandbox: {', '.join(stale)}")
     async with NodeWorld() as node:
         w = node.w
-        identity = w.add_user_assigned_identity("demo-identity", selector="demo-app")
-        bound = node.add_pod("demo-app", selector="demo-app")
-        w.assign(bound.manifest, identity)  # what MIC does for this pod
-        unbound = node.add_pod("no-identity")
         print(f"node namespace {node.net.node} (node IP {node.net.node_ip}, no uplink):")
         print(f"   Kubernetes API (emulated): {w.kube.url}   node IMDS (emulated): {w.imds.url}")
+        print(
+            f"   Azure AD (emulated): {w.aad.url}   Azure Resource Manager (emulated): {w.arm.url}"
+        )
         seconds = await node.start_nmi()
         print(
             f"   nmi started with its normal flags; rules installed and path verified in "
             f"{seconds:.2f} s"
         )
+        seconds = await node.start_mic()
         print(
-            "\ncreated: AzureIdentity default/demo-identity (type 0, client id "
-            f"{redact_id(identity.client_id)}), AzureIdentityBinding selector=demo-app,"
-            f"\n         pod default/demo-app ({bound.ip}, namespace {bound.ns}, Assigned),"
-            f"\n         pod default/no-identity ({unbound.ip}, namespace {unbound.ns}, no binding)"
+            f"   nmi mic started with the Deployment's flags; leading after {seconds:.2f} s; the "
+            f"node is instance 0 of scale set {VMSS}"
         )
-        granted = await node.token(bound, RESOURCE)
-        _show("curl in pod default/demo-app -> http://169.254.169.254/...", _reply(granted))
+        narrator = Narrator(w)
+        narrator.start()
+        identity = w.add_user_assigned_identity("demo-identity", selector="demo-app")
+        bound = node.add_pod("demo-app", selector="demo-app")
+        unbound = node.add_pod("no-identity")
+        _created(
+            w,
+            identity,
+            "demo-app",
+            f"pod default/demo-app ({bound.ip}, namespace {bound.ns}), "
+            f"pod default/no-identity ({unbound.ip}, namespace {unbound.ns})",
+        )
+        granted = await node.token(bound, RESOURCE, timeout=30)
+        narrator.say(f"pod default/demo-app got its token: HTTP {granted.status}")
         refused = await node.token(unbound, RESOURCE)
+        _show("curl in pod default/demo-app -> http://169.254.169.254/...", _reply(granted))
         _show("curl in pod default/no-identity -> http://169.254.169.254/...", _reply(refused))
+        cleaned = await _removal(w, narrator, "demo-app")
         token = str(granted.body.get("access_token", ""))
         ok = (
             granted.status == 200
             and _claims(token).get("appid") == identity.client_id
             and refused.status == 400
             and refused.body.get("error_description") == "Identity not found"
+            and cleaned
+            and _steps_seen(narrator)
         )
         _verdict(ok)
         if once:
             return 0 if ok else 1
+        w.add_pod("demo-app", selector="demo-app", ip=bound.ip)
         query = f"api-version=2018-02-01&resource={RESOURCE}"
         print(
-            "\nTry it yourself while this runs (Ctrl-C to stop and remove everything):\n"
+            "\npod default/demo-app created again for you to try (Ctrl-C to stop and remove "
+            "everything):\n"
             f"  ip netns exec {bound.ns} curl -s -H Metadata:true "
             f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
             f"  ip netns exec {unbound.ns} curl -s -H Metadata:true "
@@ -220,7 +299,7 @@ def main(argv: Sequence[str]) -> int:
     logs.setup(fmt=LogFormat.TEXT, verbosity=0)
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
-    from nmi.cli import run_loop
+    from nmi.loop import run_loop
 
     real = not args.loopback
     if real and (os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables")):

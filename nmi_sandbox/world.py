@@ -9,6 +9,15 @@ node, create identities of each type (registered upstream, with their
 Secret), bind them, assign them as MIC would, and ask for a token *as a pod*
 — from the pod's own loopback address (127.0.0.x), so that nmi attributes
 the call by source IP exactly as it does on a node.
+
+Azure Resource Manager is emulated too: the node is instance 0 of the scale
+set :data:`VMSS` (its Node object carries the providerID), every
+user-assigned identity exists in ARM, and the controller (``nmi mic``,
+:meth:`LoopbackWorld.start_mic`) runs against it with an ``azure.json`` of
+the ``AzureStackCloud`` whose environment file names the emulators - the
+production path.  :meth:`LoopbackWorld.enforce_arm` makes the node's IMDS
+serve only the identities ARM shows on the node, as Azure does; tests that
+assign as MIC would (:meth:`LoopbackWorld.assign`) leave it off.
 """
 
 from __future__ import annotations
@@ -29,15 +38,20 @@ from yarl import URL
 
 from nmi.app import Daemon
 from nmi.config import OperationMode, Settings
+from nmi.mic.app import Mic
+from nmi.mic.flags import MicSettings
 
 from . import manifests as m
 from .aad import AzureAdServer
+from .arm import DEFAULT_SUBSCRIPTION, ArmServer
 from .imds import ImdsServer
 from .kube import KubeApiServer
 from .tls import CertificateAuthority, make_client_certificate
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 NODE = "aks-nodepool1-12345678-vmss000000"
+VMSS = "aks-nodepool1-12345678-vmss"  # the node is its instance 0
+MIC_NAMESPACE = "kube-system"
 
 
 @dataclass
@@ -85,6 +99,16 @@ class LoopbackWorld:
         self.kube = KubeApiServer(ca=self.ca)
         self.aad = AzureAdServer(ca=self.ca, hostnames=["localhost"])
         self.imds = ImdsServer(tenant_id=TENANT, host=imds_host, port=imds_port)
+        self.arm = ArmServer(
+            ca=self.ca, signers=[self.aad.signer, self.imds.signer], operation_duration=0.2
+        )
+        self.vmss_id = ""
+        self.provider_id = ""
+        self.mics: list[Mic] = []
+        self.mic_client_id = str(uuid.uuid4())
+        self._mic_secret = f"mic-{uuid.uuid4()}"
+        self.cloudconfig = workdir / "azure.json"
+        self.environment_file = workdir / "azurestackcloud.json"
         self.kubeconfig = workdir / "kubeconfig"
         self.ca_bundle = workdir / "ca.pem"
         self.daemon: Daemon | None = None
@@ -98,12 +122,97 @@ class LoopbackWorld:
         await self.kube.start()
         await self.aad.start()
         await self.imds.start()
+        await self.arm.start()
         self.kube.write_kubeconfig(self.kubeconfig)
         self.ca.write_bundle(self.ca_bundle)
         for key in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = str(self.ca_bundle)
         self.aad.add_tenant(TENANT)
+        self._cloud_setup()
+        self.vmss_id = self.arm.add_vmss(VMSS, instances=1)
+        self.provider_id = self.arm.provider_id(vmss=VMSS, instance=0)
+        self.kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node}},
+                "spec": {"providerID": self.provider_id},
+            }
+        )
+
+    def _cloud_setup(self) -> None:
+        """The controller's service principal in Azure AD and its azure.json, as AKS writes it."""
+        self.aad.add_app(tenant_id=TENANT, client_id=self.mic_client_id, secrets=[self._mic_secret])
+        self.environment_file.write_text(
+            json.dumps(
+                {
+                    "name": "AzureStackCloud",
+                    "resourceManagerEndpoint": self.arm.url + "/",
+                    "activeDirectoryEndpoint": self.aad.url + "/",
+                    "tokenAudience": "https://management.azure.com/",
+                }
+            )
+        )
+        self.cloudconfig.write_text(
+            json.dumps(
+                {
+                    "cloud": "AzureStackCloud",
+                    "tenantId": TENANT,
+                    "subscriptionId": DEFAULT_SUBSCRIPTION,
+                    "resourceGroup": "MC_nmi-rg_nmi-aks_westeurope",
+                    "vmType": "vmss",
+                    "aadClientId": self.mic_client_id,
+                    "aadClientSecret": self._mic_secret,
+                }
+            )
+        )
+
+    def cloud_environ(self) -> dict[str, str]:
+        """What the controller's container has in its environment for the emulated cloud."""
+        return {
+            "AZURE_ENVIRONMENT_FILEPATH": str(self.environment_file),
+            "SSL_CERT_FILE": str(self.ca_bundle),
+            "MIC_POD_NAMESPACE": MIC_NAMESPACE,
+        }
+
+    def enforce_arm(self) -> None:
+        """The node's IMDS serves only the user-assigned identities ARM shows on it."""
+        provider_id = self.provider_id
+        self.imds.identities_on_node = lambda: self.arm.client_ids_on_node(provider_id)
+
+    def mic_settings(self, **overrides: Any) -> MicSettings:
+        values: dict[str, Any] = {
+            "kubeconfig": str(self.kubeconfig),
+            "cloudconfig": str(self.cloudconfig),
+            "leader_instance": f"nmi-mic-{len(self.mics)}",
+            "leader_namespace": MIC_NAMESPACE,
+            "leader_name": "nmi-mic",
+            "leader_duration": 4.0,
+            "http_probe_port": 0,
+            "prometheus_port": 0,
+            "probe_address": "127.0.0.1",
+            "prometheus_address": "127.0.0.1",
+            "pod_namespace": MIC_NAMESPACE,
+            "arm_polling_interval": 0.05,
+            "arm_coalesce": 0.1,
+            "update_user_msi_retry_interval": 0.05,
+        }
+        values.update(overrides)
+        return MicSettings(**values)
+
+    async def start_mic(self, **overrides: Any) -> Mic:
+        """Start one controller replica (``nmi mic``) against the emulators."""
+        self.ensure_namespace(MIC_NAMESPACE)
+        mic = Mic(self.mic_settings(**overrides), environ=self.cloud_environ())
+        self.mics.append(mic)
+        await mic.start()
+        return mic
+
+    async def stop_mic(self, mic: Mic) -> None:
+        if mic in self.mics:
+            self.mics.remove(mic)
+            await mic.stop()
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -139,7 +248,10 @@ class LoopbackWorld:
             self.daemon = None
 
     async def stop(self) -> None:
+        for mic in list(self.mics):
+            await self.stop_mic(mic)
         await self.stop_daemon()
+        await self.arm.stop()
         await self.imds.stop()
         await self.aad.stop()
         await self.kube.stop()
@@ -203,15 +315,22 @@ class LoopbackWorld:
         return str(pod["status"]["podIP"])
 
     def add_user_assigned_identity(
-        self, name: str, *, namespace: str = "default", selector: str | None = None, **extra: Any
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        selector: str | None = None,
+        arm_name: str | None = None,
+        bind: bool = True,
+        **extra: Any,
     ) -> Identity:
-        """A user-assigned managed identity (type 0), assigned to the node's VMSS."""
+        """A user-assigned managed identity (type 0): in ARM (``arm_name``, default ``name``),
+        known to the node's IMDS, its AzureIdentity and (``bind``) a binding."""
         client_id = str(uuid.uuid4())
         object_id = str(uuid.uuid4())
-        resource_id = (
-            "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/"
-            f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-        )
+        resource_id = self.arm.add_identity(
+            arm_name or name, client_id=client_id, principal_id=object_id
+        ).resource_id
         self.imds.add_user_assigned(
             client_id=client_id, object_id=object_id, resource_id=resource_id
         )
@@ -226,7 +345,9 @@ class LoopbackWorld:
                 **extra,
             )
         )
-        return self._bind(name, namespace, 0, client_id, resource_id, object_id, selector, manifest)
+        return self._bind(
+            name, namespace, 0, client_id, resource_id, object_id, selector, manifest, bind=bind
+        )
 
     def add_service_principal(
         self,
@@ -288,11 +409,14 @@ class LoopbackWorld:
         object_id: str,
         selector: str | None,
         manifest: dict[str, Any],
+        *,
+        bind: bool = True,
     ) -> Identity:
         sel = selector if selector is not None else name
-        self.kube.create(
-            m.binding(name=f"{name}-binding", namespace=namespace, identity=name, selector=sel)
-        )
+        if bind:
+            self.kube.create(
+                m.binding(name=f"{name}-binding", namespace=namespace, identity=name, selector=sel)
+            )
         ident = Identity(
             name=name,
             namespace=namespace,
@@ -466,4 +590,14 @@ async def running_world(**daemon_overrides: Any) -> Any:
         await world.stop()
 
 
-__all__ = ["NODE", "TENANT", "Identity", "LoopbackWorld", "OperationMode", "Reply", "running_world"]
+__all__ = [
+    "MIC_NAMESPACE",
+    "NODE",
+    "TENANT",
+    "VMSS",
+    "Identity",
+    "LoopbackWorld",
+    "OperationMode",
+    "Reply",
+    "running_world",
+]

@@ -159,7 +159,8 @@ class CloudConfig:
     client_secret: Secret = field(default_factory=lambda: Secret(""))
     #: ``useManagedIdentityExtension``: authenticate as the node's managed identity.
     use_managed_identity: bool = False
-    #: ``userAssignedIdentityID``: that identity's client id; empty for the system-assigned one.
+    #: ``userAssignedIdentityID``: the cluster's own user-assigned identity (client id), which
+    #: the controller authenticates as with ``use_managed_identity`` and never removes.
     user_assigned_identity_id: str = ""
     #: Where it came from: the file's path, or ``"environment"``.
     source: str = "environment"
@@ -347,7 +348,9 @@ def _validated(
         client_id=client_id if not use_managed_identity else "",
         client_secret=Secret(client_secret if not use_managed_identity else ""),
         use_managed_identity=use_managed_identity,
-        user_assigned_identity_id=user_assigned_identity_id if use_managed_identity else "",
+        # Kept with a service principal too: it names the cluster's own (kubelet) identity,
+        # which the controller never removes from a VM or scale set.
+        user_assigned_identity_id=user_assigned_identity_id,
         source=source,
     )
 

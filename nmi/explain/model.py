@@ -44,7 +44,13 @@ from ..identity.decide import (
 from ..imds import failures
 from ..imds.messages import Reply
 from ..kube.index import ClusterIndex
-from ..kube.objects import AzureIdentity, Pod
+from ..kube.objects import (
+    MIC_ERROR_ANNOTATION,
+    MIC_STEP_ANNOTATION,
+    AzureAssignedIdentity,
+    AzureIdentity,
+    Pod,
+)
 from ..ops.last_errors import LastError, LastErrors
 from ..ops.logs import redact_id as redact
 from ..tokens.cache import CLIENT_MARGIN, CachedEntry, TokenCache
@@ -169,9 +175,21 @@ def assignments_doc(index: ClusterIndex, settings: Settings, pod: Pod) -> list[J
                 "node": a.node_name,
                 "status": status,
                 "why": None if status == USABLE else why or None,
+                "controller": controller_doc(a),
             }
         )
     return out
+
+
+def controller_doc(a: AzureAssignedIdentity) -> JSONDict | None:
+    """What the controller (``nmi mic``) wrote on the assignment: the step it waits on and
+    the last error ARM gave; None when it wrote neither (done, or another controller)."""
+    notes = {k.lower(): v for k, v in a.meta.annotations.items()}
+    step = notes.get(MIC_STEP_ANNOTATION, "")
+    error = notes.get(MIC_ERROR_ANNOTATION, "")
+    if not step and not error:
+        return None
+    return {"step": step or None, "last_error": error or None}
 
 
 def decision_doc(

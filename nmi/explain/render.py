@@ -80,6 +80,11 @@ def render_text(report: JSONDict, exit_code: int) -> str:
                     f"  {a['namespace']}/{a['name']}: identity {a['identity']}, state "
                     f"{a['state']}, node {a['node'] or '-'}: {a['status']}{why}"
                 )
+                mic = a.get("controller") or {}
+                if mic.get("step"):
+                    add(f"    controller: {mic['step']}")
+                if mic.get("last_error"):
+                    add(f"    controller's last error: {mic['last_error']}")
         exceptions: list[JSONDict] = doc.get("exceptions_in_namespace") or []
         if exceptions:
             add("AzurePodIdentityExceptions in the namespace:")

@@ -3,7 +3,8 @@
 ``--kubeconfig``, else ``$KUBECONFIG``, else the in-cluster service account
 (whose projected token kubernetes-asyncio re-reads as it rotates).  The
 informers and the Secret reader use it for raw GETs so that one code path
-serves every resource.
+serves every resource; Events, the node's start-up taint and the controller's
+writes use the raw POST, PUT, PATCH and DELETE beside it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,31 @@ class KubeApi:
             "PATCH",
             body=body,
             header_params={"Accept": "application/json", "Content-Type": content_type},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        return response
+
+    async def put(
+        self, path: str, body: dict[str, Any], *, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        response: aiohttp.ClientResponse = await self._api.call_api(
+            path,
+            "PUT",
+            body=body,
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        return response
+
+    async def delete(self, path: str, *, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        response: aiohttp.ClientResponse = await self._api.call_api(
+            path,
+            "DELETE",
+            header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
             _preload_content=False,
             _request_timeout=timeout,

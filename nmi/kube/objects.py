@@ -23,6 +23,10 @@ from typing import Any
 NAMESPACED_ANNOTATION = "aadpodidentity.k8s.io/Behavior"
 NAMESPACED_VALUE = "namespaced"
 BINDING_LABEL = "aadpodidbinding"
+# Written by the controller (nmi mic) on an assignment that is not Assigned yet: the step it
+# waits on, and the last error ARM gave for it (shown by ``nmi explain``).
+MIC_STEP_ANNOTATION = "aadpodidentity.k8s.io/mic-step"
+MIC_ERROR_ANNOTATION = "aadpodidentity.k8s.io/mic-error"
 
 GROUP = "aadpodidentity.k8s.io"
 VERSION = "v1"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -284,8 +284,12 @@ def gauge(
     return family
 
 
+class Scrapable(Protocol):
+    async def handle(self, request: web.Request) -> web.Response: ...
+
+
 class MetricsServer:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Scrapable) -> None:
         self.metrics = metrics
         self._runner: web.AppRunner | None = None
         self.port = 0

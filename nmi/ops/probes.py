@@ -19,7 +19,9 @@ Check = Callable[[], str | None]  # None when fine, else why not
 
 
 class Probes:
-    def __init__(self) -> None:
+    def __init__(self, *, health_text: Callable[[], str] | None = None) -> None:
+        # The controller answers /healthz with aad-pod-identity's "Active" / "Not Active".
+        self._health_text = health_text
         self._checks: dict[str, Check] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -37,7 +39,7 @@ class Probes:
         return problems
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return web.Response(text=self._health_text() if self._health_text else "ok\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
         problems = self.failing()

@@ -9,8 +9,9 @@ per served resource answers them, and the discovery documents (``/api``,
 resource is served exactly when it is advertised.
 
 Served: namespaces, nodes, pods (with ``status`` and ``binding``), secrets,
-serviceaccounts, core ``v1`` events and their ``events.k8s.io/v1`` view (two
-views of one storage), ``coordination.k8s.io/v1`` leases, and the four
+configmaps (the controller's ledger), serviceaccounts, core ``v1`` events
+and their ``events.k8s.io/v1`` view (two views of one storage),
+``coordination.k8s.io/v1`` leases, and the four
 ``aadpodidentity.k8s.io/v1`` custom resources of aad-pod-identity.
 """
 
@@ -244,7 +245,7 @@ AAD_GROUP = "aadpodidentity.k8s.io"
 
 
 def _crd(plural: str, singular: str, kind: str, *, status: bool = True) -> Resource:
-    """A CRD of aad-pod-identity, as daemonset/crds.yaml declares it.
+    """A CRD of aad-pod-identity, as daemonset/crds/crds.yaml declares it.
 
     AzureAssignedIdentity has no status subresource: MIC creates it with its
     status and patches ``/status/status`` on the main resource.
@@ -328,6 +329,17 @@ RESOURCES: tuple[Resource, ...] = (
         namespaced=True,
         storage="secrets",
         fields=_fields(True, {"type": _str_field("type")}),
+    ),
+    Resource(  # the controller's ledger (nmi-mic-ledger)
+        group="",
+        version="v1",
+        plural="configmaps",
+        singular="configmap",
+        kind="ConfigMap",
+        namespaced=True,
+        storage="configmaps",
+        short_names=("cm",),
+        fields=_fields(True),
     ),
     Resource(
         group="",

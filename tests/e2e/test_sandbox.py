@@ -38,6 +38,17 @@ async def test_sandbox_once(mode: list[str]) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     text = out.decode()
     assert proc.returncode == 0, text + err.decode()
-    assert "OK: the bound pod got its own token, the unbound pod was refused." in text
+    assert "OK: the controller assigned the identity and put it on the scale set" in text
     assert "Identity not found" in text
+    # The seed's process, printed as it happened, in order.
+    steps = [
+        "AzureAssignedIdentity default/demo-app-default-demo-identity Created",
+        "ARM: identity demo-identity added to scale set",
+        "AzureAssignedIdentity default/demo-app-default-demo-identity Assigned",
+        "pod default/demo-app got its token: HTTP 200",
+        "AzureAssignedIdentity default/demo-app-default-demo-identity deleted",
+        "ARM: identity demo-identity removed from scale set",
+    ]
+    positions = [text.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), text
     assert await namespaces() == before

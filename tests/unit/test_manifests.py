@@ -1,17 +1,25 @@
 """The deployment manifests in ``daemonset/``: rendered, schema-checked, held to their promises.
 
+Layout: ``crds/`` (the four CRDs), ``nmi/`` (namespace, nmi's RBAC and DaemonSet) and
+``mic/`` (a kustomize Component: the MIC's RBAC, Deployment and exception) are composed by
+two entry points, ``daemonset/`` (standard mode: crds + nmi + mic) and
+``daemonset/managed/`` (managed mode: crds + nmi with ``--operation-mode=managed``).
+This file checks the layout, both entry points and nmi's objects; the MIC's objects are
+held to their promises in ``test_manifests_mic.py``.
+
 Everything runs offline:
 
-* ``kubectl kustomize`` renders the install (skipped only where kubectl is absent);
+* ``kubectl kustomize`` renders each entry point (skipped only where kubectl is absent);
 * built-in kinds are validated against the Kubernetes OpenAPI schemas shipped in the
   ``kubernetes-validate`` package (strict: unknown fields are errors);
 * custom resources are validated with ``jsonschema`` against the ``openAPIV3Schema`` of
-  the CRDs in ``crds.yaml``, read the way the API server reads it (``nullable``,
+  the CRDs in ``crds/crds.yaml``, read the way the API server reads it (``nullable``,
   ``x-kubernetes-int-or-string``, embedded resources), and a pruning pass reports the
   fields the API server would silently drop;
 * ``kubectl apply -k --dry-run=client`` still needs API discovery and a GET per object,
   so it runs against a stub API server on loopback that knows the kinds and has none of
-  the objects, and must see no write.
+  the objects, and must see no write; a second stub that has never seen the CRDs shows
+  why ``crds/`` is applied first on a fresh cluster.
 """
 
 from __future__ import annotations
@@ -40,8 +48,14 @@ from nmi.tokens.credentials import CredentialError, client_certificate_from, cli
 from nmi_sandbox import manifests as world
 
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "daemonset"
+DEPLOY = ROOT / "daemonset"  # the standard-mode entry point
+MANAGED = DEPLOY / "managed"  # the managed-mode entry point
+CRDS_DIR = DEPLOY / "crds"
+NMI_DIR = DEPLOY / "nmi"
+MIC_DIR = DEPLOY / "mic"
 EXAMPLES = DEPLOY / "examples"
+ENTRY_POINTS = {"standard": DEPLOY, "managed": MANAGED}
+PIECES = (CRDS_DIR, NMI_DIR, MIC_DIR)
 NAMESPACE = "nmi-system"
 GROUP = "aadpodidentity.k8s.io"
 GROUP_VERSION = f"{GROUP}/v1"
@@ -84,11 +98,13 @@ def _one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
     return found[0]
 
 
-SOURCES = _load(DEPLOY)
+CRD_SOURCES = _load(CRDS_DIR)
+NMI_SOURCES = _load(NMI_DIR)
+MIC_SOURCES = _load(MIC_DIR)
+# Everything the standard entry point installs, as written in the files.
+SOURCES = CRD_SOURCES + NMI_SOURCES + MIC_SOURCES
 EXAMPLE_OBJECTS = _load(EXAMPLES)
-CRDS: dict[str, Obj] = {
-    crd["spec"]["names"]["kind"]: crd for crd in _docs((DEPLOY / "crds.yaml").read_text())
-}
+CRDS: dict[str, Obj] = {crd["spec"]["names"]["kind"]: crd for crd in CRD_SOURCES}
 CUSTOM_KINDS = {
     "AzureIdentity": "azureidentities",
     "AzureIdentityBinding": "azureidentitybindings",
@@ -109,11 +125,29 @@ def _kubectl(*args: str, kubeconfig: Path | None = None) -> str:
     return proc.stdout
 
 
+def _render(folder: Path) -> list[Obj]:
+    if KUBECTL is None:
+        pytest.skip(f"kubectl is not installed: cannot render {folder.relative_to(ROOT)}/")
+    return _docs(_kubectl("kustomize", str(folder)))
+
+
 @pytest.fixture(scope="module")
 def rendered() -> list[Obj]:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: cannot render daemonset/")
-    return _docs(_kubectl("kustomize", str(DEPLOY)))
+    """The standard-mode install: ``kubectl kustomize daemonset/``."""
+    return _render(DEPLOY)
+
+
+@pytest.fixture(scope="module")
+def rendered_managed() -> list[Obj]:
+    """The managed-mode install: ``kubectl kustomize daemonset/managed/``."""
+    return _render(MANAGED)
+
+
+@pytest.fixture(scope="module", params=sorted(ENTRY_POINTS))
+def entry_point(request: pytest.FixtureRequest) -> tuple[Path, list[Obj]]:
+    """Each entry point (standard, managed) with what it renders."""
+    folder = ENTRY_POINTS[request.param]
+    return folder, _render(folder)
 
 
 @pytest.fixture(scope="module")
@@ -125,44 +159,190 @@ def rendered_examples() -> list[Obj]:
 
 # --------------------------------------------------------------- kustomizations, rendering
 
+NMI_OBJECTS = [
+    f"Namespace/{NAMESPACE}",
+    *(f"CustomResourceDefinition/{p}.{GROUP}" for p in CUSTOM_KINDS.values()),
+    f"ServiceAccount/{NAMESPACE}/nmi",
+    "ClusterRole/nmi",
+    "ClusterRoleBinding/nmi",
+    f"DaemonSet/{NAMESPACE}/nmi",
+]
+MIC_OBJECTS = [
+    f"ServiceAccount/{NAMESPACE}/nmi-mic",
+    "ClusterRole/nmi-mic",
+    "ClusterRoleBinding/nmi-mic",
+    f"Role/{NAMESPACE}/nmi-mic",
+    f"RoleBinding/{NAMESPACE}/nmi-mic",
+    f"Deployment/{NAMESPACE}/nmi-mic",
+    f"AzurePodIdentityException/{NAMESPACE}/nmi-mic",
+]
+# The containers of each entry point, as "Kind/name/container": all of them run one image.
+CONTAINERS = {
+    "standard": {"DaemonSet/nmi/nmi", "Deployment/nmi-mic/mic"},
+    "managed": {"DaemonSet/nmi/nmi"},
+}
+MANAGED_ARG = "--operation-mode=managed"
 
-def test_kustomization_installs_every_manifest_and_no_example() -> None:
-    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    assert kust["namespace"] == NAMESPACE
-    assert sorted(kust["resources"]) == sorted(p.name for p in _manifest_files(DEPLOY))
-    assert not any("example" in r for r in kust["resources"])
-    assert [i["name"] for i in kust["images"]] == ["nmi"]
-    assert not (DEPLOY / "README.md").exists()
+
+def _kustomization(folder: Path) -> Obj:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
 
 
-def test_examples_kustomization_lists_every_example() -> None:
-    kust = yaml.safe_load((EXAMPLES / "kustomization.yaml").read_text())
-    assert sorted(kust["resources"]) == sorted(p.name for p in _manifest_files(EXAMPLES))
-    assert "namespace" not in kust, "examples keep their own namespaces"
+def _containers(objs: list[Obj]) -> dict[str, Obj]:
+    """Every container (init containers too) of every workload, as "Kind/name/container"."""
+    out: dict[str, Obj] = {}
+    for obj in objs:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if pod is None:
+            continue
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            out[f"{obj['kind']}/{obj['metadata']['name']}/{container['name']}"] = container
+    return out
+
+
+def _image(entry: Obj) -> str:
+    return f"{entry.get('newName', entry['name'])}:{entry['newTag']}"
+
+
+def test_each_piece_lists_every_manifest_of_its_folder() -> None:
+    for folder in (*PIECES, EXAMPLES):
+        kust = _kustomization(folder)
+        assert sorted(kust["resources"]) == sorted(p.name for p in _manifest_files(folder)), folder
+        # Pieces are leaves: the entry points compose them, set the namespace and the image.
+        assert "namespace" not in kust, folder
+        assert "images" not in kust, folder
+        assert not kust.get("components") and not kust.get("patches"), folder
+    assert _kustomization(MIC_DIR)["kind"] == "Component"
+    assert _kustomization(MIC_DIR)["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    for folder in (CRDS_DIR, NMI_DIR, EXAMPLES, DEPLOY, MANAGED):
+        assert _kustomization(folder)["kind"] == "Kustomization", folder
+
+
+def test_every_manifest_belongs_to_one_piece_or_the_examples() -> None:
+    kustomized = {p.parent for p in DEPLOY.rglob("kustomization.yaml")}
+    assert kustomized == {DEPLOY, MANAGED, *PIECES, EXAMPLES}
+    manifests = {p.parent for p in DEPLOY.rglob("*.y*ml") if p.name != "kustomization.yaml"}
+    assert manifests <= {*PIECES, EXAMPLES}, "the entry points hold no manifest of their own"
+    assert not list(DEPLOY.rglob("*.yml")), "one spelling: .yaml"
+    assert not list(DEPLOY.rglob("README*"))
+
+
+def test_entry_points_compose_the_pieces() -> None:
+    standard, managed = _kustomization(DEPLOY), _kustomization(MANAGED)
+    assert standard["resources"] == ["crds", "nmi"]
+    assert standard["components"] == ["mic"]
+    assert "patches" not in standard, "standard is nmi's default mode: nothing to patch"
+    assert managed["resources"] == ["../crds", "../nmi"]
+    assert "components" not in managed, "managed mode installs no MIC"
+    for kust in (standard, managed):
+        assert kust["namespace"] == NAMESPACE
+        assert [i["name"] for i in kust["images"]] == ["nmi"]
+        assert not any("example" in r for r in kust["resources"])
+    assert standard["images"] == managed["images"]
+
+
+def test_managed_patch_appends_the_operation_mode_to_nmi_only() -> None:
+    (patch,) = _kustomization(MANAGED)["patches"]
+    assert patch["target"] == {"group": "apps", "version": "v1", "kind": "DaemonSet", "name": "nmi"}
+    ops = yaml.safe_load(patch["patch"])
+    assert ops == [
+        # Guards the index: the build fails if the first container is not nmi.
+        {"op": "test", "path": "/spec/template/spec/containers/0/name", "value": "nmi"},
+        {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": MANAGED_ARG},
+    ]
+
+
+def test_every_object_is_labelled_with_its_component() -> None:
+    for obj in SOURCES:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "nmi", _ident(obj)
+        assert labels["app.kubernetes.io/part-of"] == "nmi", _ident(obj)
+        if obj in MIC_SOURCES:
+            expected: str | None = "mic"
+        elif obj in CRD_SOURCES or obj["kind"] == "Namespace":
+            expected = None  # shared by nmi and the MIC
+        else:
+            expected = "nmi"
+        assert labels.get("app.kubernetes.io/component") == expected, _ident(obj)
 
 
 @needs_kubectl
-def test_render_installs_exactly_the_nmi_objects(rendered: list[Obj]) -> None:
-    assert sorted(_ident(o) for o in rendered) == sorted(
-        [
-            f"Namespace/{NAMESPACE}",
-            *(f"CustomResourceDefinition/{p}.{GROUP}" for p in CUSTOM_KINDS.values()),
-            f"ServiceAccount/{NAMESPACE}/nmi",
-            "ClusterRole/nmi",
-            "ClusterRoleBinding/nmi",
-            f"DaemonSet/{NAMESPACE}/nmi",
-        ]
-    )
+def test_standard_entry_point_installs_nmi_and_the_mic(rendered: list[Obj]) -> None:
+    assert sorted(_ident(o) for o in rendered) == sorted(NMI_OBJECTS + MIC_OBJECTS)
     assert sorted(_ident(o) for o in rendered) == sorted(_ident(o) for o in SOURCES)
+    assert sorted(_ident(o) for o in MIC_SOURCES) == sorted(MIC_OBJECTS)
+    assert all(o["metadata"].get("namespace") in (None, NAMESPACE) for o in rendered)
 
 
 @needs_kubectl
-def test_render_rewrites_the_image_from_the_images_entry(rendered: list[Obj]) -> None:
-    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    (entry,) = kust["images"]
-    ds = _one(rendered, "DaemonSet")
-    (container,) = ds["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == f"{entry.get('newName', entry['name'])}:{entry['newTag']}"
+def test_managed_entry_point_installs_nmi_and_no_mic_object(rendered_managed: list[Obj]) -> None:
+    assert sorted(_ident(o) for o in rendered_managed) == sorted(NMI_OBJECTS)
+    for obj in rendered_managed:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/component") != "mic", _ident(obj)
+        assert "mic" not in obj["metadata"]["name"], _ident(obj)
+    assert not [o for o in rendered_managed if o["kind"] in ("Deployment", "Role")]
+    assert not [o for o in rendered_managed if o["apiVersion"] == GROUP_VERSION]
+
+
+@needs_kubectl
+def test_managed_differs_from_standard_only_by_the_mic_and_the_mode(
+    rendered: list[Obj], rendered_managed: list[Obj]
+) -> None:
+    """nmi's objects, RBAC included, are the same in both modes but for one argument."""
+    standard = {_ident(o): o for o in rendered if _ident(o) not in MIC_OBJECTS}
+    managed = {_ident(o): copy.deepcopy(o) for o in rendered_managed}
+    ds = f"DaemonSet/{NAMESPACE}/nmi"
+    (container,) = managed[ds]["spec"]["template"]["spec"]["containers"]
+    (std_container,) = standard[ds]["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [*std_container["args"], MANAGED_ARG]
+    container["args"].remove(MANAGED_ARG)
+    assert managed == standard
+
+
+@needs_kubectl
+def test_render_rewrites_the_image_of_every_container(
+    entry_point: tuple[Path, list[Obj]],
+) -> None:
+    folder, objs = entry_point
+    (entry,) = _kustomization(folder)["images"]
+    containers = _containers(objs)
+    mode = next(m for m, f in ENTRY_POINTS.items() if f == folder)
+    assert set(containers) == CONTAINERS[mode]
+    assert {name: c["image"] for name, c in containers.items()} == dict.fromkeys(
+        containers, _image(entry)
+    )
+
+
+def _set_image(entry_point: Path, spec: str) -> None:
+    """``kustomize edit set image <spec>`` in ``entry_point``; without the kustomize binary
+    (kubectl has no ``edit``), the same edit of its ``images:`` stanza."""
+    kustomize = shutil.which("kustomize")
+    if kustomize is not None:
+        subprocess.run(
+            [kustomize, "edit", "set", "image", spec], cwd=entry_point, check=True, timeout=60
+        )
+        return
+    name, _, image = spec.partition("=")
+    new_name, _, new_tag = image.rpartition(":")
+    path = entry_point / "kustomization.yaml"
+    kust = yaml.safe_load(path.read_text())
+    kust["images"] = [i for i in kust.get("images", []) if i["name"] != name]
+    kust["images"].append({"name": name, "newName": new_name, "newTag": new_tag})
+    path.write_text(yaml.safe_dump(kust))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("mode", sorted(ENTRY_POINTS))
+def test_set_image_at_the_entry_point_reaches_every_container(mode: str, tmp_path: Path) -> None:
+    tree = tmp_path / "daemonset"
+    shutil.copytree(DEPLOY, tree)
+    folder = tree / ENTRY_POINTS[mode].relative_to(DEPLOY)
+    image = "registry.example/team/nmi:9.8.7"
+    _set_image(folder, f"nmi={image}")
+    containers = _containers(_docs(_kubectl("kustomize", str(folder))))
+    assert set(containers) == CONTAINERS[mode]
+    assert {c["image"] for c in containers.values()} == {image}
 
 
 @needs_kubectl
@@ -195,9 +375,25 @@ def test_manifest_validates_against_kubernetes_openapi(obj: Obj) -> None:
 
 
 @needs_kubectl
-def test_rendered_objects_validate_against_kubernetes_openapi(rendered: list[Obj]) -> None:
-    for obj in rendered:
+def test_rendered_objects_validate_against_kubernetes_openapi(
+    entry_point: tuple[Path, list[Obj]],
+) -> None:
+    _, objs = entry_point
+    builtin = _builtin(objs)
+    assert builtin
+    for obj in builtin:
         _k8s_validate(obj)
+
+
+@needs_kubectl
+def test_rendered_custom_resources_are_accepted_by_their_crds(
+    entry_point: tuple[Path, list[Obj]],
+) -> None:
+    """Custom objects of an entry point (the MIC's exception) against crds/ (strict)."""
+    _, objs = entry_point
+    for obj in objs:
+        if obj["apiVersion"] == GROUP_VERSION:
+            _accept(obj)
 
 
 def test_kubernetes_validate_rejects_a_broken_daemonset() -> None:
@@ -887,13 +1083,27 @@ def test_daemonset_container_command_line() -> None:
 
 def test_image_tag_is_the_project_version() -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert _container()["image"] == f"nmi:{version}"
-    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    assert kust["images"][0]["newTag"] == version
+    containers = _containers(SOURCES)
+    assert set(containers) == CONTAINERS["standard"]
+    assert {c["image"] for c in containers.values()} == {f"nmi:{version}"}
+    for folder in ENTRY_POINTS.values():
+        (entry,) = _kustomization(folder)["images"]
+        assert (entry["name"], entry["newTag"]) == ("nmi", version), folder
+
+
+@needs_kubectl
+def test_managed_daemonset_runs_nmi_in_managed_mode(rendered_managed: list[Obj]) -> None:
+    (container,) = _one(rendered_managed, "DaemonSet", "nmi")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container["args"] == [*EXPECTED_ARGS, MANAGED_ARG]
+    args = build_parser().parse_args(container["args"])
+    assert args.operation_mode == "managed"
 
 
 def test_daemonset_args_are_accepted_by_nmi() -> None:
     args = build_parser().parse_args(_container()["args"])
+    assert args.operation_mode == "standard"  # nmi's default: the standard entry point's mode
     assert args.node == "$(NODE_NAME)"  # the kubelet expands it, argparse sees it verbatim
     assert args.node_ip == "$(HOST_IP)"
     assert args.http_probe_port == 8085
@@ -994,7 +1204,7 @@ def _permissions(rules: list[Obj]) -> dict[tuple[str, str], set[str]]:
 
 
 def test_rbac_is_least_privilege() -> None:
-    roles = [o for o in SOURCES if o["kind"] in ("ClusterRole", "Role")]
+    roles = [o for o in NMI_SOURCES if o["kind"] in ("ClusterRole", "Role")]
     assert [_ident(r) for r in roles] == ["ClusterRole/nmi"]
     rules = roles[0]["rules"]
     for rule in rules:
@@ -1003,6 +1213,27 @@ def test_rbac_is_least_privilege() -> None:
             assert "*" not in rule[key], rule
             assert all("*" not in item for item in rule[key]), rule
     assert _permissions(rules) == EXPECTED_PERMISSIONS
+
+
+@needs_kubectl
+def test_rbac_of_each_entry_point(rendered: list[Obj], rendered_managed: list[Obj]) -> None:
+    """nmi's ClusterRole in both modes; the MIC's ClusterRole and Role in standard only."""
+
+    def roles(objs: list[Obj]) -> list[str]:
+        kinds = ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding")
+        return sorted(_ident(o) for o in objs if o["kind"] in kinds)
+
+    assert roles(rendered_managed) == ["ClusterRole/nmi", "ClusterRoleBinding/nmi"]
+    assert roles(rendered) == sorted(
+        [
+            "ClusterRole/nmi",
+            "ClusterRoleBinding/nmi",
+            "ClusterRole/nmi-mic",
+            "ClusterRoleBinding/nmi-mic",
+            f"Role/{NAMESPACE}/nmi-mic",
+            f"RoleBinding/{NAMESPACE}/nmi-mic",
+        ]
+    )
 
 
 def test_rbac_writes_nothing_but_events_and_the_startup_taint() -> None:
@@ -1114,28 +1345,24 @@ class _StubApi:
         return path
 
 
-@pytest.fixture
-def stub_api() -> Iterator[_StubApi]:
-    kinds = {
-        "v1": [
-            ("namespaces", "Namespace", False),
-            ("serviceaccounts", "ServiceAccount", True),
-            ("secrets", "Secret", True),
-        ],
-        "apps/v1": [("daemonsets", "DaemonSet", True)],
-        "rbac.authorization.k8s.io/v1": [
-            ("clusterroles", "ClusterRole", False),
-            ("clusterrolebindings", "ClusterRoleBinding", False),
-        ],
-        "apiextensions.k8s.io/v1": [
-            ("customresourcedefinitions", "CustomResourceDefinition", False)
-        ],
-        # As the CRDs of crds.yaml make the API server serve them.
-        GROUP_VERSION: [
-            (crd["spec"]["names"]["plural"], kind, crd["spec"]["scope"] == "Namespaced")
-            for kind, crd in CRDS.items()
-        ],
-    }
+BUILTIN_KINDS: dict[str, list[tuple[str, str, bool]]] = {
+    "v1": [
+        ("namespaces", "Namespace", False),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("secrets", "Secret", True),
+    ],
+    "apps/v1": [("daemonsets", "DaemonSet", True), ("deployments", "Deployment", True)],
+    "rbac.authorization.k8s.io/v1": [
+        ("clusterroles", "ClusterRole", False),
+        ("clusterrolebindings", "ClusterRoleBinding", False),
+        ("roles", "Role", True),
+        ("rolebindings", "RoleBinding", True),
+    ],
+    "apiextensions.k8s.io/v1": [("customresourcedefinitions", "CustomResourceDefinition", False)],
+}
+
+
+def _serve(kinds: dict[str, list[tuple[str, str, bool]]]) -> Iterator[_StubApi]:
     stub = _StubApi(kinds)
     stub.thread.start()
     try:
@@ -1143,6 +1370,22 @@ def stub_api() -> Iterator[_StubApi]:
     finally:
         stub.server.shutdown()
         stub.server.server_close()
+
+
+@pytest.fixture
+def stub_api() -> Iterator[_StubApi]:
+    """A cluster that serves the CRDs' kinds (as crds/ makes the API server serve them)."""
+    custom = [
+        (crd["spec"]["names"]["plural"], kind, crd["spec"]["scope"] == "Namespaced")
+        for kind, crd in CRDS.items()
+    ]
+    yield from _serve({**BUILTIN_KINDS, GROUP_VERSION: custom})
+
+
+@pytest.fixture
+def fresh_stub_api() -> Iterator[_StubApi]:
+    """A cluster that has never seen the CRDs: the group is not served."""
+    yield from _serve(BUILTIN_KINDS)
 
 
 def _without_last_applied(obj: Obj) -> Obj:
@@ -1155,9 +1398,7 @@ def _without_last_applied(obj: Obj) -> Obj:
     return out
 
 
-@needs_kubectl
-@pytest.mark.parametrize("folder", [DEPLOY, EXAMPLES], ids=["install", "examples"])
-def test_kubectl_apply_dry_run(folder: Path, stub_api: _StubApi, tmp_path: Path) -> None:
+def _apply_dry_run(folder: Path, stub: _StubApi, tmp_path: Path) -> list[Obj]:
     out = _kubectl(
         "apply",
         "-k",
@@ -1166,11 +1407,53 @@ def test_kubectl_apply_dry_run(folder: Path, stub_api: _StubApi, tmp_path: Path)
         "--validate=false",
         "-o",
         "yaml",
-        kubeconfig=stub_api.kubeconfig(tmp_path),
+        kubeconfig=stub.kubeconfig(tmp_path),
     )
     applied = yaml.safe_load(out)
     items = applied["items"] if applied.get("kind") == "List" else [applied]
+    assert {method for method, _ in stub.requests} == {"GET"}, "a dry run must not write"
+    return [_without_last_applied(o) for o in items]
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    "folder",
+    [DEPLOY, MANAGED, CRDS_DIR, EXAMPLES],
+    ids=["standard", "managed", "crds", "examples"],
+)
+def test_kubectl_apply_dry_run(folder: Path, stub_api: _StubApi, tmp_path: Path) -> None:
+    items = _apply_dry_run(folder, stub_api, tmp_path)
     expected = _docs(_kubectl("kustomize", str(folder)))
-    key = _ident
-    assert sorted((_without_last_applied(o) for o in items), key=key) == sorted(expected, key=key)
-    assert {method for method, _ in stub_api.requests} == {"GET"}, "a dry run must not write"
+    assert sorted(items, key=_ident) == sorted(expected, key=_ident)
+
+
+@needs_kubectl
+def test_fresh_cluster_installs_crds_first(fresh_stub_api: _StubApi, tmp_path: Path) -> None:
+    """Why crds/ is its own kustomization, applied first on a fresh cluster.
+
+    kubectl maps every object to a served resource before it applies any: without the
+    CRDs, the standard entry point's one custom object (the MIC's exception) cannot be
+    mapped. crds/ and the managed entry point (no custom object) need nothing served.
+    """
+    for folder in (CRDS_DIR, MANAGED):
+        items = _apply_dry_run(folder, fresh_stub_api, tmp_path)
+        assert sorted(_ident(o) for o in items) == sorted(
+            _ident(o) for o in _docs(_kubectl("kustomize", str(folder)))
+        )
+    assert KUBECTL is not None
+    kubeconfig = fresh_stub_api.kubeconfig(tmp_path)
+    proc = subprocess.run(
+        [
+            *(KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp_path / "cache")),
+            *("apply", "-k", str(DEPLOY), "--dry-run=client", "--validate=false", "-o", "name"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert 'no matches for kind "AzurePodIdentityException"' in proc.stderr
+    assert {method for method, _ in fresh_stub_api.requests} == {"GET"}
+    customs = [_ident(o) for o in SOURCES if o["apiVersion"] == GROUP_VERSION]
+    assert customs == [f"AzurePodIdentityException/{NAMESPACE}/nmi-mic"]
