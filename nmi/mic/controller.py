@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..azure.identities import IdentityFailure, IdentityState
 from ..azure.provider_id import NodeResource, normalise_id
@@ -41,7 +42,6 @@ from ..kube.objects import (
     MIC_ERROR_ANNOTATION,
     MIC_STEP_ANNOTATION,
     AssignedState,
-    AzureAssignedIdentity,
     AzureIdentityBinding,
     IdentityType,
     Pod,
@@ -50,7 +50,7 @@ from ..ops import events as ev
 from .desired import ASSIGNED, CREATED, Desired, build, desired_for, matches
 from .machines import Machines
 from .metrics import MicMetrics
-from .view import ControllerView, PodKey, Record
+from .view import AssignmentView, ControllerView, PodKey, Record
 from .writes import NotLeader, WriteFailed, Writes
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Controller:
         self._again: set[PodKey] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._needs: dict[PodKey, set[Need]] = {}
+        self._need_pool: dict[tuple[str, str], Need] = {}
         self._wanted_since: dict[tuple[str, str], float] = {}
         self._cycle_started: float | None = None
         self._deleted: dict[str, None] = {}  # uids deleted lately (the watch may lag)
@@ -111,7 +112,11 @@ class Controller:
     # -- the queue ------------------------------------------------------------------
 
     def enqueue(self, keys: Iterable[PodKey]) -> None:
+        """Queue pods for a reconcile.  What they need on their VMs and scale sets is told to
+        the machine workers at once — not when the (paced) reconcile comes — so that a burst
+        of pods becomes one ARM change per VM or scale set, not one per pacing interval."""
         for key in keys:
+            self._refresh_needs(key)
             if key in self._working:
                 self._again.add(key)
             elif key not in self._queued:
@@ -190,7 +195,7 @@ class Controller:
         self._update_needs(key, desired)
         wanted_keys = {d.key for d in desired}
         for record in self.view.assignments_of(key):
-            a: AzureAssignedIdentity = record.view
+            a: AssignmentView = record.view
             akey = (a.meta.namespace, a.meta.name)
             if akey not in wanted_keys or a.meta.deleting:
                 await self._delete(record)
@@ -204,13 +209,21 @@ class Controller:
             ready = self._ready(d)
             if have is None:
                 self._wanted_since.setdefault(d.key, time.monotonic())
-                await self._create(d, ASSIGNED if ready else CREATED)
+                ready = await self._create(d)
             elif not matches(have, d):
                 await self._replace(d, have, ASSIGNED if ready else CREATED)
             elif have.view.state != AssignedState.ASSIGNED and ready:
                 await self._mark_assigned(d)
             if not ready:
                 self._touch(d)
+
+    def _refresh_needs(self, key: PodKey) -> None:
+        pod = self.view.pods.get(key)
+        desired: list[Desired] = []
+        if pod is not None:
+            wanted, _ = desired_for(self.view, pod, force_namespaced=self.force_namespaced)
+            desired = [d for d in wanted if self._node_exists(d.node)]
+        self._update_needs(key, desired)
 
     def _node_exists(self, node: str) -> bool:
         """A deleted node's assignments go (no ARM call); before the nodes are known,
@@ -224,7 +237,13 @@ class Controller:
         info = self.view.nodes.get(d.node)
         if info is None or info.machine is None:
             return None
-        return Need(info.machine, normalise_id(identity.resource_id))
+        key = (info.machine.key, identity.resource_id)
+        need = self._need_pool.get(key)
+        if need is None:  # one object per (machine, identity), shared by its pods
+            if len(self._need_pool) > 100_000:
+                self._need_pool.clear()
+            need = self._need_pool[key] = Need(info.machine, normalise_id(identity.resource_id))
+        return need
 
     def _update_needs(self, key: PodKey, desired: list[Desired]) -> None:
         now = {n for n in (self._need_of(d) for d in desired) if n is not None}
@@ -283,16 +302,26 @@ class Controller:
 
     # -- the writes ---------------------------------------------------------------------
 
-    async def _create(self, d: Desired, status: str) -> None:
-        body = build(d, status=status)
-        if status == CREATED:
-            body["metadata"]["annotations"] = {STEP_ANNOTATION: self._step(d)}
+    async def _create(self, d: Desired) -> bool:
+        """Create the assignment, ``Assigned`` if its identity is usable on the node when the
+        write's turn comes, else ``Created``; returns whether it was created ``Assigned``."""
+        sent: list[str] = []
+
+        def body() -> dict[str, Any]:
+            status = ASSIGNED if self._ready(d) else CREATED
+            sent.append(status)
+            obj = build(d, status=status)
+            if status == CREATED:
+                obj["metadata"]["annotations"] = {STEP_ANNOTATION: self._step(d)}
+            return obj
+
         try:
             self.view.wrote(await self.writes.create("create", assignment_path(d.namespace), body))
         except WriteFailed as exc:
             if exc.status != 409:
                 raise
-            return  # our watch has not shown it yet: the event brings the pod back
+            return True  # our watch has not shown it yet: the event brings the pod back
+        status = sent[-1] if sent else CREATED
         log.info(
             "AzureAssignedIdentity %s/%s created (%s)",
             d.namespace,
@@ -302,9 +331,10 @@ class Controller:
         )
         if status == ASSIGNED:
             self._assigned(d)
+        return status == ASSIGNED
 
     async def _replace(self, d: Desired, record: Record, status: str) -> None:
-        body = build(d, status=status, existing=record.raw)
+        body = build(d, status=status, existing=record.view)
         if status == CREATED:
             body["metadata"].setdefault("annotations", {})[STEP_ANNOTATION] = self._step(d)
         else:
@@ -340,13 +370,13 @@ class Controller:
         )
 
     async def _delete(self, record: Record) -> None:
-        a: AzureAssignedIdentity = record.view
+        a: AssignmentView = record.view
         if a.meta.uid and a.meta.uid in self._deleted:
             return  # done already; the watch has not shown it yet
         path = assignment_path(a.meta.namespace, a.meta.name)
         if not a.meta.deleting:
             await self.writes.delete("delete", path)
-        if (record.raw.get("metadata") or {}).get("finalizers"):
+        if a.finalizers:
             await self.writes.merge("finalizer", path, {"metadata": {"finalizers": None}})
         self._wanted_since.pop((a.meta.namespace, a.meta.name), None)
         if a.meta.uid:
@@ -371,7 +401,7 @@ class Controller:
             if info.machine is None or info.machine.key != machine_key:
                 continue
             for record in self.view.assignments_on(info.name):
-                a: AzureAssignedIdentity = record.view
+                a: AssignmentView = record.view
                 if a.state != AssignedState.ASSIGNED and not a.meta.deleting:
                     waiting.add((a.pod_namespace, a.pod))
         self.enqueue(waiting)

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..kube.objects import AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, Pod, field_ci
-from .view import ControllerView, Record, embedded
+from ..kube.objects import AzureIdentity, AzureIdentityBinding, Pod
+from .view import AssignmentView, ControllerView, Record, Ref
 
 GROUP_VERSION = "aadpodidentity.k8s.io/v1"
 FINALIZER = "azureassignedidentity.finalizers.aadpodidentity.k8s.io"
@@ -113,9 +113,10 @@ def desired_for(
 
 
 def build(
-    desired: Desired, *, status: str, existing: Mapping[str, Any] | None = None
+    desired: Desired, *, status: str, existing: AssignmentView | None = None
 ) -> dict[str, Any]:
-    """The AzureAssignedIdentity object (for a create, or a replace of ``existing``)."""
+    """The AzureAssignedIdentity object (for a create, or a replace of ``existing``: its
+    resourceVersion as precondition, its labels, finalizers and annotations kept)."""
     metadata: dict[str, Any] = {
         "name": desired.name,
         "namespace": desired.namespace,
@@ -123,14 +124,13 @@ def build(
         "finalizers": [FINALIZER],
     }
     if existing is not None:
-        old = existing.get("metadata") or {}
-        metadata["resourceVersion"] = old.get("resourceVersion", "")
-        labels = dict(old.get("labels") or {})
-        labels[NODE_LABEL] = desired.node
-        metadata["labels"] = labels
-        metadata["finalizers"] = list(dict.fromkeys([*(old.get("finalizers") or []), FINALIZER]))
-        if old.get("annotations"):
-            metadata["annotations"] = dict(old["annotations"])
+        old = existing.meta
+        metadata["resourceVersion"] = old.resource_version
+        metadata["labels"] = {**old.labels, NODE_LABEL: desired.node}
+        metadata["finalizers"] = list(dict.fromkeys([*existing.finalizers, FINALIZER]))
+        annotations = {**existing.foreign_annotations, **old.annotations}
+        if annotations:
+            metadata["annotations"] = annotations
     return {
         "apiVersion": GROUP_VERSION,
         "kind": "AzureAssignedIdentity",
@@ -155,7 +155,7 @@ def _embed(raw: Mapping[str, Any]) -> dict[str, Any]:
 def matches(existing: Record, desired: Desired) -> bool:
     """Whether an existing assignment already says what ``desired`` says (aad-pod-identity
     compared the binding's and identity's name and resourceVersion, pod, namespace, node)."""
-    a: AzureAssignedIdentity = existing.view
+    a: AssignmentView = existing.view
     if (a.pod, a.pod_namespace, a.node_name) != (
         desired.pod.meta.name,
         desired.pod.meta.namespace,
@@ -164,21 +164,12 @@ def matches(existing: Record, desired: Desired) -> bool:
         return False
     if a.meta.labels.get(NODE_LABEL) != desired.node:
         return False
-    for name, record in (
-        ("azureIdentityRef", desired.identity),
-        ("azureBindingRef", desired.binding),
-    ):
-        have = field_ci(embedded(existing.raw, name), "metadata") or {}
+    for have, record in ((a.identity, desired.identity), (a.binding, desired.binding)):
         want = record.raw.get("metadata") or {}
-        if (have.get("name"), have.get("namespace"), have.get("resourceVersion")) != (
-            want.get("name"),
-            want.get("namespace"),
-            want.get("resourceVersion"),
+        if have != Ref(
+            str(want.get("namespace") or ""),
+            str(want.get("name") or ""),
+            str(want.get("resourceVersion") or ""),
         ):
             return False
     return True
-
-
-def state_of(existing: Record) -> str:
-    a: AzureAssignedIdentity = existing.view
-    return a.state

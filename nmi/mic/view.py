@@ -9,22 +9,26 @@ node event the pods on that node, an assignment event the pod it is for —
 so the controller recomputes those pods' desired assignments and nothing
 else (aad-pod-identity recomputed the whole cluster on every event).
 
-Objects are kept as views (``nmi.kube.objects``) together with the raw JSON
-the API server sent: an AzureAssignedIdentity embeds its identity and
-binding exactly as they are (metadata included), as aad-pod-identity wrote
-them.
+Identities and bindings are kept as views (``nmi.kube.objects``) together
+with the JSON the API server sent (less ``managedFields``): an
+AzureAssignedIdentity embeds its identity and binding as they are, as
+aad-pod-identity wrote them.  The assignments themselves - one per pod and
+identity, the bulk of the controller's memory - are kept slim
+(:class:`AssignmentView`): who, where, which state, and the names and
+resourceVersions of what they embed, which is all a comparison needs.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ..azure.provider_id import NodeResource, parse_provider_id
 from ..kube.objects import (
-    AzureAssignedIdentity,
     AzureIdentity,
     AzureIdentityBinding,
     Meta,
@@ -62,16 +66,88 @@ def parse_pod(raw: Mapping[str, Any]) -> Pod:
     return Pod.parse(raw)
 
 
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """What an assignment says about the identity or binding it embeds."""
+
+    namespace: str
+    name: str
+    resource_version: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> Ref:
+        meta = (field_ci(raw, "metadata") or {}) if isinstance(raw, Mapping) else {}
+        return cls(  # interned: thousands of assignments name the same few objects
+            sys.intern(str(meta.get("namespace") or "")),
+            sys.intern(str(meta.get("name") or "")),
+            sys.intern(str(meta.get("resourceVersion") or "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentView:
+    """An AzureAssignedIdentity as the controller keeps it (legacy capitalised keys read)."""
+
+    meta: Meta
+    pod: str
+    pod_namespace: str
+    node_name: str
+    state: str
+    identity: Ref
+    binding: Ref | None
+    finalizers: tuple[str, ...] = ()
+    #: Annotations of others (Meta keeps aad-pod-identity's own): kept on a replace.
+    foreign_annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+_NO_RAW: Mapping[str, Any] = MappingProxyType({})
+_EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
+
+
+def _without_managed_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    meta = out.get("metadata")
+    if isinstance(meta, Mapping) and "managedFields" in meta:
+        out["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    return out
+
+
 def parse_identity(raw: Mapping[str, Any]) -> Record:
-    return Record(AzureIdentity.parse(raw), raw)
+    return Record(AzureIdentity.parse(raw), _without_managed_fields(raw))
 
 
 def parse_binding(raw: Mapping[str, Any]) -> Record:
-    return Record(AzureIdentityBinding.parse(raw), raw)
+    return Record(AzureIdentityBinding.parse(raw), _without_managed_fields(raw))
 
 
 def parse_assignment(raw: Mapping[str, Any]) -> Record:
-    return Record(AzureAssignedIdentity.parse(raw), raw)
+    """The slim view; none of the JSON is kept."""
+    spec = field_ci(raw, "spec") or {}
+    status = field_ci(raw, "status") or {}
+    metadata = raw.get("metadata") or {}
+    binding = field_ci(spec, "azureBindingRef")
+    meta = Meta.parse(metadata)
+    annotations = metadata.get("annotations")
+    foreign = (
+        {str(k): str(v) for k, v in annotations.items() if str(k) not in meta.annotations}
+        if isinstance(annotations, Mapping)
+        else {}
+    )
+    finalizers = metadata.get("finalizers")
+    view = AssignmentView(
+        meta=meta,
+        pod=sys.intern(str(field_ci(spec, "pod") or "")),
+        pod_namespace=sys.intern(str(field_ci(spec, "podNamespace") or "")),
+        node_name=sys.intern(str(field_ci(spec, "nodeName") or "")),
+        state=sys.intern(str(field_ci(status, "status") or "")),
+        identity=Ref.parse(field_ci(spec, "azureIdentityRef")),
+        binding=Ref.parse(binding) if isinstance(binding, Mapping) else None,
+        finalizers=tuple(sys.intern(str(f)) for f in finalizers)
+        if isinstance(finalizers, list)
+        else (),
+        foreign_annotations=foreign or _EMPTY_MAP,
+    )
+    return Record(view, _NO_RAW)
 
 
 def pod_key(pod: Pod) -> PodKey:
@@ -173,7 +249,7 @@ class ControllerView:
             if info is not None:
                 touched |= set(self._pods_by_node.get(info.name, ()))
                 for akey in self._assignments_by_node.get(info.name, ()):
-                    a: AzureAssignedIdentity = self.assignments[akey].view
+                    a: AssignmentView = self.assignments[akey].view
                     touched.add((a.pod_namespace, a.pod))
         return touched
 
@@ -193,13 +269,16 @@ class ControllerView:
             return {_apod(gone)}
         current = self.assignments.get(_akey(new))
         if current is not None and _stale(new, current):
+            if current.view.meta.resource_version == new.view.meta.resource_version:
+                # The watch's copy of our own write: keep one copy (the watch cache's).
+                self.assignments[_akey(new)] = new
             return set()
         touched: set[PodKey] = set()
         if current is not None:
             self._remove(current)
             touched.add(_apod(current))
         key = _akey(new)
-        a: AzureAssignedIdentity = new.view
+        a: AssignmentView = new.view
         self.assignments[key] = new
         self._assignments_by_pod[(a.pod_namespace, a.pod)].add(key)
         self._assignments_by_node[a.node_name].add(key)
@@ -212,7 +291,7 @@ class ControllerView:
             self.on_assignment("MODIFIED", None, parse_assignment(raw))
 
     def _remove(self, record: Record) -> None:
-        a: AzureAssignedIdentity = record.view
+        a: AssignmentView = record.view
         key = _akey(record)
         self.assignments.pop(key, None)
         _drop(self._assignments_by_pod, (a.pod_namespace, a.pod), key)
@@ -230,9 +309,9 @@ class ControllerView:
         names = {(r.view.meta.namespace, r.view.meta.name) for r in (old, new) if r is not None}
         touched: set[PodKey] = set()
         for record in self.assignments.values():
-            a: AzureAssignedIdentity = record.view
+            a: AssignmentView = record.view
             ref = a.binding if what == "binding" else a.identity
-            if ref is not None and (ref.meta.namespace, ref.meta.name) in names:
+            if ref is not None and (ref.namespace, ref.name) in names:
                 touched.add((a.pod_namespace, a.pod))
         return touched
 
@@ -264,10 +343,3 @@ def _drop(index: dict[Any, set[Any]], key: Any, value: Any) -> None:
         bucket.discard(value)
         if not bucket:
             del index[key]
-
-
-def embedded(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """An assignment's embedded object (``spec.azureIdentityRef`` / ``azureBindingRef``)."""
-    spec = field_ci(raw, "spec") or {}
-    found = field_ci(spec, name)
-    return found if isinstance(found, Mapping) else {}

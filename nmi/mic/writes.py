@@ -105,9 +105,15 @@ class Writes:
                 if self._observe is not None:
                     self._observe(what, time.monotonic() - started, error)
 
-    async def create(self, what: str, path: str, body: JSON) -> JSON | None:
+    async def create(self, what: str, path: str, body: JSON | Callable[[], JSON]) -> JSON | None:
+        """POST ``body`` — or what ``body()`` returns when its turn comes: a create that
+        waited for its turn says what is true when it is sent (an assignment whose identity
+        reached the VM meanwhile is created ``Assigned``: one write instead of two)."""
         return await self._send(
-            what, "POST", path, lambda: self.api.post(path, body, timeout=self._timeout)
+            what,
+            "POST",
+            path,
+            lambda: self.api.post(path, body() if callable(body) else body, timeout=self._timeout),
         )
 
     async def replace(self, what: str, path: str, body: JSON) -> JSON | None:

@@ -172,7 +172,7 @@ def test_the_assignment_is_written_as_aad_pod_identity_wrote_it() -> None:
     written["metadata"]["labels"] = {"nodename": NODE, "team": "x"}
     record = parse_assignment(written)
     assert matches(record, d)
-    replaced = build(d, status=ASSIGNED, existing=written)
+    replaced = build(d, status=ASSIGNED, existing=record.view)
     assert replaced["metadata"]["resourceVersion"] == "9"
     assert replaced["metadata"]["labels"] == {"nodename": NODE, "team": "x"}
 
