@@ -49,7 +49,7 @@ from .ops import events
 from .ops.events import EventRecorder
 from .ops.last_errors import LastErrors
 from .ops.looplag import LoopLag
-from .ops.metrics import Metrics, MetricsServer, counter, gauge
+from .ops.metrics import Metrics, MetricsServer, counter, exact_counter, gauge
 from .ops.probes import Probes
 from .tokens.cache import CacheKey, TokenCache
 from .tokens.service import TokenService
@@ -317,7 +317,7 @@ class Daemon:
             ["resource"],
             [([i.name], 1.0 if i.synced.is_set() else 0.0) for i in informers],
         )
-        yield counter(
+        yield exact_counter(
             "aadpodidentity_kubernetes_api_operations_errors_count",
             "aad-pod-identity compatible Kubernetes API errors (list/watch), by resource.",
             ["operation_type"],

@@ -13,9 +13,9 @@ lacked: how long a pod waits from being seen to its identity being
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from ..ops.metrics import CONTENT_TYPE
+from ..ops.metrics import CONTENT_TYPE, ExactCounter
 
 FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SLOW = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
@@ -28,7 +28,7 @@ class MicMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.cycles = Counter(f"{P}mic_cycle_count", "Drains of the work queue.", registry=r)
+        self.cycles = ExactCounter(f"{P}mic_cycle_count", "Drains of the work queue.", registry=r)
         self.cycle_seconds = Histogram(
             f"{P}mic_cycle_duration_seconds",
             "Time to drain the work queue.",
@@ -42,25 +42,25 @@ class MicMetrics:
             buckets=SLOW,
             registry=r,
         )
-        self.cloud_errors = Counter(
+        self.cloud_errors = ExactCounter(
             f"{P}cloud_provider_operations_errors_count",
             "Failed ARM calls on VMs and scale sets.",
             ["operation_type"],
             registry=r,
         )
-        self.k8s_errors = Counter(
+        self.k8s_errors = ExactCounter(
             f"{P}kubernetes_api_operations_errors_count",
             "Failed Kubernetes API writes.",
             ["operation_type"],
             registry=r,
         )
-        self.leader_elections = Counter(
+        self.leader_elections = ExactCounter(
             f"{P}mic_new_leader_election_count", "Times this replica became the leader.", registry=r
         )
-        self.assignment_ops: dict[str, tuple[Counter, Histogram]] = {}
+        self.assignment_ops: dict[str, tuple[ExactCounter, Histogram]] = {}
         for op in ("addition", "deletion", "update"):
             self.assignment_ops[op] = (
-                Counter(
+                ExactCounter(
                     f"{P}assigned_identity_{op}_count", f"AzureAssignedIdentity {op}s.", registry=r
                 ),
                 Histogram(

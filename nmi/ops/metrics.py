@@ -198,7 +198,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.compat_imds_errors = Counter(
+        self.compat_imds_errors = ExactCounter(
             "aadpodidentity_imds_operations_errors_count",
             "aad-pod-identity compatible upstream token errors.",
             ["operation_type"],
@@ -282,6 +282,63 @@ def gauge(
     for label_values, value in values:
         family.add_metric(label_values, value)
     return family
+
+
+def exact_counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[list[str], float]]
+) -> Metric:
+    """A counter under its exact name, without the ``_total`` prometheus_client appends.
+
+    aad-pod-identity's names end in ``_count`` (OpenCensus exported them as is) and its
+    users' dashboards query them so; the text format then calls such a series ``untyped``.
+    """
+    family = Metric(name, doc, "unknown")
+    for label_values, value in values:
+        family.add_sample(name, dict(zip(labels, label_values, strict=True)), value)
+    return family
+
+
+class ExactCounter(Collector):
+    """A labelled counter exported by :func:`exact_counter` (``labels(...).inc()``)."""
+
+    def __init__(
+        self, name: str, doc: str, labels: Iterable[str] = (), *, registry: CollectorRegistry
+    ) -> None:
+        self.name, self.doc, self.labelnames = name, doc, list(labels)
+        self._values: dict[tuple[str, ...], float] = {}
+        if not self.labelnames:
+            self._values[()] = 0.0
+        registry.register(self)
+
+    def labels(self, *values: str) -> _ExactChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected")
+        return _ExactChild(self, tuple(str(v) for v in values))
+
+    def inc(self, amount: float = 1.0) -> None:
+        _ExactChild(self, ()).inc(amount)
+
+    def value(self, *values: str) -> float:
+        return self._values.get(tuple(values), 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        yield exact_counter(
+            self.name, self.doc, self.labelnames, [(list(k), v) for k, v in self._values.items()]
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _ExactChild:
+    __slots__ = ("_counter", "_key")
+
+    def __init__(self, counter: ExactCounter, key: tuple[str, ...]) -> None:
+        self._counter, self._key = counter, key
+
+    def inc(self, amount: float = 1.0) -> None:
+        values = self._counter._values
+        values[self._key] = values.get(self._key, 0.0) + amount
 
 
 class Scrapable(Protocol):

@@ -602,3 +602,29 @@ async def test_a_replica_that_cannot_renew_stops_writing_before_another_can_lead
     assert stopped_at[0] - cut <= one.settings.renew_deadline + 0.2
     assert took_at[0] - cut <= one.settings.leader_duration + 2
     one.elector._try = original  # type: ignore[method-assign]
+
+
+async def test_metrics_under_aad_pod_identitys_names(chain: LoopbackWorld) -> None:
+    w = chain
+    mic = w.mics[0]
+    w.add_user_assigned_identity("ident", selector="app")
+    w.add_pod("web", selector="app")
+    await until(lambda: state(w, "web-default-ident") == "Assigned", what="Assigned")
+    status, text = await probe(mic.metrics_server.port, "/metrics")
+    assert status == 200
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    # Exact names, as aad-pod-identity's dashboards query them (no "_total" appended).
+    assert samples["aadpodidentity_mic_new_leader_election_count"] == 1
+    assert samples["aadpodidentity_mic_cycle_count"] >= 1
+    assert samples["aadpodidentity_assigned_identity_addition_count"] == 1
+    assert samples["aadpodidentity_mic_cycle_duration_seconds_count"] >= 1
+    for op in ("vmss_get", "vmss_update"):
+        name = "aadpodidentity_cloud_provider_operations_duration_seconds_count"
+        key = f'{name}{{operation_type="{op}"}}'
+        assert samples[key] == 1, op
+    assert samples["nmi_mic_assignment_latency_seconds_count"] == 1
+    assert not [name for name in samples if name.endswith("_count_total")]
