@@ -154,19 +154,32 @@ class LoopbackWorld:
                 }
             )
         )
-        self.cloudconfig.write_text(
-            json.dumps(
-                {
-                    "cloud": "AzureStackCloud",
-                    "tenantId": TENANT,
-                    "subscriptionId": DEFAULT_SUBSCRIPTION,
-                    "resourceGroup": "MC_nmi-rg_nmi-aks_westeurope",
-                    "vmType": "vmss",
-                    "aadClientId": self.mic_client_id,
-                    "aadClientSecret": self._mic_secret,
-                }
-            )
-        )
+        self.write_cloudconfig()
+
+    def write_cloudconfig(self, **overrides: Any) -> None:
+        """(Re)write the controller's azure.json (atomically, as AKS rewrites it)."""
+        document = {
+            "cloud": "AzureStackCloud",
+            "tenantId": TENANT,
+            "subscriptionId": DEFAULT_SUBSCRIPTION,
+            "resourceGroup": "MC_nmi-rg_nmi-aks_westeurope",
+            "vmType": "vmss",
+            "aadClientId": self.mic_client_id,
+            "aadClientSecret": self._mic_secret,
+            **overrides,
+        }
+        staged = self.cloudconfig.with_suffix(".tmp")
+        staged.write_text(json.dumps(document))
+        os.replace(staged, self.cloudconfig)
+
+    def rotate_mic_secret(self, *, publish: bool) -> str:
+        """A new secret for the controller's service principal in Azure AD (the old one stops
+        working); ``publish`` also writes it into azure.json, as AKS's rotation does."""
+        self._mic_secret = f"mic-{uuid.uuid4()}"
+        self.aad.set_secrets(self.mic_client_id, [self._mic_secret])
+        if publish:
+            self.write_cloudconfig()
+        return self._mic_secret
 
     def cloud_environ(self) -> dict[str, str]:
         """What the controller's container has in its environment for the emulated cloud."""

@@ -137,6 +137,7 @@ class Mic:
             immutable=self._immutable,
             on_done=self._machine_done,
             on_failed=self._machine_failed,
+            on_error=self._machine_error,
             coalesce=s.arm_coalesce,
             reconcile_interval=s.reconcile_interval,
             is_acting=self.is_acting,
@@ -245,6 +246,10 @@ class Mic:
     async def _machine_done(self, key: str, state: Any) -> None:
         if self.controller is not None:
             await self.controller.machine_done(key, state)
+
+    async def _machine_error(self, key: str, message: str) -> None:
+        if self.controller is not None:
+            await self.controller.machine_error(key, message)
 
     async def _machine_failed(self, key: str, failures: Any) -> None:
         if self.controller is not None:

@@ -436,16 +436,29 @@ class Controller:
                     warning=True,
                 )
 
+    async def machine_error(self, machine_key: str, message: str) -> None:
+        """A VM's or scale set's worker failed (credentials, ARM unreachable, throttling):
+        say so on the assignments waiting for it."""
+        for info in list(self.view.nodes.values()):
+            if info.machine is None or info.machine.key != machine_key:
+                continue
+            for record in self.view.assignments_on(info.name):
+                a: AssignmentView = record.view
+                await self._annotate((a.meta.namespace, a.meta.name), message)
+
     async def _annotate_error(self, d: Desired, why: str) -> None:
-        record = self.view.assignments.get(d.key)
+        await self._annotate(d.key, why)
+
+    async def _annotate(self, key: tuple[str, str], why: str) -> None:
+        record = self.view.assignments.get(key)
         if record is None or record.view.state == AssignedState.ASSIGNED:
             return
-        if record.view.meta.annotations.get(ERROR_ANNOTATION) == why:
-            return  # said already: no write
+        if record.view.meta.deleting or record.view.meta.annotations.get(ERROR_ANNOTATION) == why:
+            return  # gone, or said already: no write
         with contextlib.suppress(WriteFailed, NotLeader):
             written = await self.writes.merge(
                 "annotate",
-                assignment_path(d.namespace, d.name),
+                assignment_path(*key),
                 {"metadata": {"annotations": {ERROR_ANNOTATION: why}}},
             )
             self.view.wrote(written)

@@ -70,6 +70,11 @@ class _Machine:
 
 Done = Callable[[str, IdentityState], Awaitable[None]]
 Failed = Callable[[str, dict[str, IdentityFailure]], Awaitable[None]]
+Errored = Callable[[str, str], Awaitable[None]]
+
+
+async def _no_error_hook(key: str, message: str) -> None:
+    return None
 
 
 class Machines:
@@ -84,6 +89,7 @@ class Machines:
         coalesce: float = 0.5,
         reconcile_interval: float = 180.0,
         is_acting: Callable[[], bool] = lambda: True,
+        on_error: Errored = _no_error_hook,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -93,6 +99,7 @@ class Machines:
         self.coalesce = coalesce
         self.reconcile_interval = reconcile_interval
         self.is_acting = is_acting
+        self.on_error = on_error
         self._machines: dict[str, _Machine] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.settled = False
@@ -206,6 +213,7 @@ class Machines:
                 machine.last_error = (
                     f"ARM throttling ({exc.kind}), Retry-After {exc.retry_after:.0f}s"
                 )
+                await self._tell(key, f"ARM is throttling {exc.kind}s: waiting for Retry-After")
                 await asyncio.sleep(max(exc.retry_after, 0.1))
                 machine.dirty.set()
             except NotFound as exc:
@@ -217,9 +225,18 @@ class Machines:
                 machine.last_error = f"{type(exc).__name__}: {exc}"
                 machine.step = f"failed, retrying in {machine.backoff:.0f}s"
                 log.warning("machine %s: %s", machine.node.name, machine.last_error)
+                await self._tell(key, machine.last_error)
                 await asyncio.sleep(machine.backoff)
                 machine.backoff = min(machine.backoff * 2, MAX_BACKOFF)
                 machine.dirty.set()
+
+    async def _tell(self, key: str, message: str) -> None:
+        """Report a failure of the machine's worker (the controller annotates the waiting
+        assignments, which ``nmi explain`` shows); never fails the worker."""
+        try:
+            await self.on_error(key, message[:1000])
+        except Exception as exc:  # the report is best effort
+            log.debug("machine error report failed: %s", exc)
 
     async def _pass(self, machine: _Machine) -> None:
         node = machine.node

@@ -390,9 +390,7 @@ async def test_immutable_and_preexisting_identities_are_never_removed(world: Loo
 async def test_the_clusters_own_identity_is_immutable(world: LoopbackWorld) -> None:
     w = world
     own = w.add_user_assigned_identity("kubelet", selector="app")
-    document = json.loads(w.cloudconfig.read_text())
-    document["userAssignedIdentityID"] = own.client_id  # as AKS's azure.json names it
-    w.cloudconfig.write_text(json.dumps(document))
+    w.write_cloudconfig(userAssignedIdentityID=own.client_id)  # as AKS's azure.json names it
     await w.start_mic()
     w.add_pod("web", selector="app")
     await until(lambda: state(w, "web-default-kubelet") == "Assigned", what="Assigned")
@@ -444,6 +442,32 @@ async def test_a_failing_identity_does_not_hold_back_the_others(chain: LoopbackW
         machine.failed.clear()
     await mic.machines.reconcile_all()
     await until(lambda: state(w, "web-default-bad") == "Assigned", what="bad Assigned")
+
+
+async def test_a_rotated_secret_is_picked_up_without_a_restart_and_the_failure_shown_meanwhile(
+    world: LoopbackWorld,
+) -> None:
+    w = world
+    mic = await w.start_mic()
+    w.rotate_mic_secret(publish=False)  # Azure AD has a new secret; azure.json the old one
+    ident = w.add_user_assigned_identity("ident", selector="app")
+    w.add_pod("web", selector="app")
+
+    def error() -> str:
+        a = assignment(w, "web-default-ident") or {}
+        notes = a.get("metadata", {}).get("annotations") or {}
+        return str(notes.get("aadpodidentity.k8s.io/mic-error", ""))
+
+    why = await until(error, what="the failure on the waiting assignment")
+    assert "AuthenticationFailed" in why, why
+    assert state(w, "web-default-ident") == "Created"
+    assert not on_vmss(w)
+
+    w.write_cloudconfig()  # AKS publishes the rotated secret: no restart
+    await until(lambda: state(w, "web-default-ident") == "Assigned", what="Assigned", timeout=30)
+    assert ident.resource_id.lower() in on_vmss(w)
+    assert error() == ""  # the annotation goes with the wait
+    assert mic.cloud is not None and mic.cloud.generation >= 1
 
 
 async def test_throttling_is_waited_out_with_no_request_meanwhile(chain: LoopbackWorld) -> None:

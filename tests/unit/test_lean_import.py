@@ -37,3 +37,21 @@ def test_models_are_not_imported_until_used() -> None:
     assert found["pod"] == "x" and found["core"] == "CoreV1Api"
     assert found["watch"] and found["load"] and found["version"]
     assert found["api_client"] == "ApiClient"
+
+
+DAEMON_PROBE = """
+import json, sys
+import nmi.app, nmi.cli  # the daemon's whole import graph
+print(json.dumps(sorted(
+    m for m in sys.modules
+    if m.split(".")[0] == "azure" or m.startswith(("nmi.mic", "nmi.azure"))
+)))
+"""
+
+
+def test_the_daemon_never_imports_the_controller_or_the_azure_sdk() -> None:
+    """The DaemonSet's pods pay nothing for the controller (the Azure SDK is ~40 MB)."""
+    out = subprocess.run(
+        [sys.executable, "-c", DAEMON_PROBE], check=True, capture_output=True, text=True
+    ).stdout
+    assert json.loads(out) == []
