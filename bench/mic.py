@@ -26,8 +26,6 @@ import datetime
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import sys
 import time
@@ -35,19 +33,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from nmi_sandbox import manifests as m
+from nmi_sandbox.processes import MicProcess
 from nmi_sandbox.world import MIC_NAMESPACE, LoopbackWorld
 
 GV = "aadpodidentity.k8s.io/v1"
 AAI = "AzureAssignedIdentity"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:
@@ -55,73 +46,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-class Replica:
-    """One ``nmi mic`` process."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, probe: int, name: str) -> None:
-        self.proc, self.probe, self.name = proc, probe, name
-
-    async def get(self, path: str) -> tuple[int, str]:
-        try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{self.probe}{path}") as resp,
-            ):
-                return resp.status, await resp.text()
-        except aiohttp.ClientError:
-            return 0, ""
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 20)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-async def start_mic(w: LoopbackWorld, name: str, *extra: str) -> Replica:
-    probe = free_port()
-    env = {**os.environ, **w.cloud_environ(), "MIC_POD_NAME": name}
-    env["REQUESTS_CA_BUNDLE"] = str(w.ca_bundle)
-    log = w.workdir / f"{name}.log"
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "nmi",
-            "mic",
-            f"--kubeconfig={w.kubeconfig}",
-            f"--cloudconfig={w.cloudconfig}",
-            f"--leader-election-namespace={MIC_NAMESPACE}",
-            "--leader-election-name=nmi-mic",
-            f"--http-probe-port={probe}",
-            "--probe-address=127.0.0.1",
-            f"--prometheus-port={free_port()}",
-            "--prometheus-address=127.0.0.1",
-            "--log-format=json",
-            *extra,
-            env=env,
-            stderr=sink,
-        )
-    replica = Replica(proc, probe, name)
-    deadline = time.monotonic() + 60
-    while (await replica.get("/readyz"))[0] != 200:
-        if proc.returncode is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"nmi mic did not start: {log.read_text()[-2000:]}")
-        await asyncio.sleep(0.05)  # a separate process: its probe is the only signal
-    return replica
-
-
-async def leading(replica: Replica, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (await replica.get("/healthz"))[1] != "Active":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{replica.name} never led")
-        await asyncio.sleep(0.05)
 
 
 def add_nodes(w: LoopbackWorld, pools: int = 4, per_pool: int = 5) -> list[tuple[str, str]]:
@@ -227,9 +151,9 @@ async def burst(qps: float) -> dict[str, Any]:
         nodes = add_nodes(w)
         identities = add_identities(w, 50, user_assigned=True)
         w.ensure_namespace(MIC_NAMESPACE)
-        mic = await start_mic(w, "mic-0", f"--clientQps={qps:g}")
+        mic = await MicProcess.start(w, "mic-0", f"--clientQps={qps:g}")
         try:
-            await leading(mic)
+            await mic.leading()
             started = time.monotonic()
             created = add_pods(w, 1000, identities, nodes)
             assigned = await wait_assigned(w, created, timeout=600)
@@ -255,9 +179,9 @@ async def steady(minutes: float) -> dict[str, Any]:
         nodes = add_nodes(w)
         identities = add_identities(w, 47, user_assigned=True)
         w.ensure_namespace(MIC_NAMESPACE)
-        mic = await start_mic(w, "mic-0")
+        mic = await MicProcess.start(w, "mic-0")
         try:
-            await leading(mic)
+            await mic.leading()
             created = add_pods(w, 150, identities, nodes)
             assigned = await wait_assigned(w, created, timeout=120)
             await asyncio.sleep(5)  # the settle pass and its machine reads
@@ -291,13 +215,13 @@ async def failover() -> dict[str, Any]:
         nodes = add_nodes(w, pools=1, per_pool=2)
         identities = add_identities(w, 5, user_assigned=True)
         w.ensure_namespace(MIC_NAMESPACE)
-        replicas = [await start_mic(w, f"mic-{n}") for n in range(2)]
+        replicas = [await MicProcess.start(w, f"mic-{n}") for n in range(2)]
         try:
-            await leading(replicas[0], timeout=30)
+            await replicas[0].leading(timeout=30)
             leader, other = replicas
             created = add_pods(w, 50, identities, nodes)
             await wait_assigned(w, created, timeout=60)
-            leader.proc.send_signal(signal.SIGKILL)
+            leader.kill()
             killed = time.monotonic()
             await leader.proc.wait()
             obj = m.pod(
@@ -329,7 +253,7 @@ async def failover() -> dict[str, Any]:
                 "expected": 51,
                 "duplicates": len(names) - len(set(names)),
                 "creates": w.kube.requests["POST azureassignedidentities"],
-                "new_leader_active": (await other.get("/healthz"))[1] == "Active",
+                "new_leader_active": await other.health() == "Active",
             }
         finally:
             for r in replicas:
@@ -341,9 +265,9 @@ async def memory() -> dict[str, Any]:
         nodes = add_nodes(w)
         identities = add_identities(w, 1000, user_assigned=False)
         w.ensure_namespace(MIC_NAMESPACE)
-        mic = await start_mic(w, "mic-0")
+        mic = await MicProcess.start(w, "mic-0")
         try:
-            await leading(mic)
+            await mic.leading()
             idle = rss_mb(mic.proc.pid)
             created = add_pods(w, 5000, identities, nodes)
             peak = idle

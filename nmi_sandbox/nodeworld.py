@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .netns import NodeNetns, Pod
+from .processes import mic_args
 from .world import LoopbackWorld
 
 METADATA_IP = "169.254.169.254"
@@ -212,21 +213,15 @@ class NodeWorld:
 
     def mic_argv(self, *extra: str) -> list[str]:
         """``nmi mic`` with the flags of the Deployment in ``daemonset/mic/``."""
-        w = self.w
         return [
             sys.executable,
             "-m",
             "nmi",
-            "mic",
-            f"--kubeconfig={w.kubeconfig}",
-            f"--cloudconfig={w.cloudconfig}",
-            "--leader-election-namespace=kube-system",
-            "--leader-election-name=nmi-mic",
-            f"--http-probe-port={self.mic_probe_port}",
-            "--probe-address=127.0.0.1",
-            f"--prometheus-port={self.mic_metrics_port}",
-            "--prometheus-address=127.0.0.1",
-            "--log-format=json",
+            *mic_args(
+                self.w,
+                probe_port=self.mic_probe_port,
+                metrics_port=self.mic_metrics_port,
+            ),
             *extra,
         ]
 

@@ -3,35 +3,16 @@
 import asyncio
 import json
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 
+from nmi_sandbox.processes import free_port
+from nmi_sandbox.processes import run_nmi as run
 from nmi_sandbox.world import LoopbackWorld
 
 ARM = "https://management.azure.com"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def run(*argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nmi",
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_version_and_bad_flags() -> None:
