@@ -174,18 +174,19 @@ async def test_metadata_header_not_required_starts_and_serves(node: NodeWorld) -
 
 async def test_the_startup_taint_is_removed_once_the_rules_are_verified(node: NodeWorld) -> None:
     key = "nmi.aadpodidentity.k8s.io/agent-not-ready"
-    node.w.kube.create(
+    node.w.kube.patch(  # the world's Node object, as the kubelet registered it with the taint
+        "v1",
+        "Node",
+        node.w.node,
+        None,
         {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": node.w.node},
             "spec": {
                 "taints": [
                     {"key": key, "value": "true", "effect": "NoSchedule"},
                     {"key": "other", "value": "x", "effect": "NoSchedule"},
                 ]
-            },
-        }
+            }
+        },
     )
     await node.start_nmi(f"--startup-taint={key}")
 
