@@ -262,7 +262,6 @@ class Mic:
         assert self.machines is not None and self.ledger is not None
         while True:
             await self.elector.elected.wait()
-            self.metrics.leader_elections.inc()
             started = time.monotonic()
             try:
                 await self.ledger.load()
@@ -270,6 +269,7 @@ class Mic:
                 log.error("ledger not readable (%s); retrying", exc)
                 await asyncio.sleep(self.settings.retry_period)
                 continue
+            self.metrics.leader_elections.inc()
             self.acting.set()
             self.controller.start()
             self.controller.enqueue_all()
