@@ -41,33 +41,40 @@ class KubeApi:
     def host(self) -> str:
         return str(self._api.configuration.host)
 
-    async def get(
-        self, path: str, params: list[tuple[str, str]], *, timeout: aiohttp.ClientTimeout
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: list[tuple[str, str]] | None = None,
     ) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
         response: aiohttp.ClientResponse = await self._api.call_api(
             path,
-            "GET",
-            query_params=params,
-            header_params={"Accept": "application/json"},
+            method,
+            query_params=params or [],
+            body=body,
+            header_params=headers,
             auth_settings=["BearerToken"],
             _preload_content=False,
             _request_timeout=timeout,
         )
         return response
 
+    async def get(
+        self, path: str, params: list[tuple[str, str]], *, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        return await self._call("GET", path, timeout, params=params)
+
     async def post(
         self, path: str, body: dict[str, Any], *, timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
-        response: aiohttp.ClientResponse = await self._api.call_api(
-            path,
-            "POST",
-            body=body,
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return response
+        return await self._call("POST", path, timeout, body=body)
 
     async def patch(
         self,
@@ -77,41 +84,15 @@ class KubeApi:
         content_type: str = "application/json-patch+json",
         timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
-        response: aiohttp.ClientResponse = await self._api.call_api(
-            path,
-            "PATCH",
-            body=body,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return response
+        return await self._call("PATCH", path, timeout, body=body, content_type=content_type)
 
     async def put(
         self, path: str, body: dict[str, Any], *, timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
-        response: aiohttp.ClientResponse = await self._api.call_api(
-            path,
-            "PUT",
-            body=body,
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return response
+        return await self._call("PUT", path, timeout, body=body)
 
     async def delete(self, path: str, *, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        response: aiohttp.ClientResponse = await self._api.call_api(
-            path,
-            "DELETE",
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return response
+        return await self._call("DELETE", path, timeout)
 
     async def close(self) -> None:
         await self._api.close()

@@ -47,10 +47,10 @@ from ..kube.objects import (
     Pod,
 )
 from ..ops import events as ev
-from .desired import ASSIGNED, CREATED, Desired, build, desired_for, matches
+from .desired import ASSIGNED, CREATED, Clash, Desired, build, desired_for, matches
 from .machines import Machines
 from .metrics import MicMetrics
-from .view import AssignmentView, ControllerView, PodKey, Record
+from .view import AssignmentView, ControllerView, PodKey, Record, pod_key
 from .writes import NotLeader, WriteFailed, Writes
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._needs: dict[PodKey, set[Need]] = {}
         self._need_pool: dict[tuple[str, str], Need] = {}
-        self._wanted_since: dict[tuple[str, str], float] = {}
+        # pod -> its assignments not yet Assigned -> when first wanted (the latency metric)
+        self._wanted_since: dict[PodKey, dict[tuple[str, str], float]] = {}
         self._cycle_started: float | None = None
         self._deleted: dict[str, None] = {}  # uids deleted lately (the watch may lag)
         self.reconciles = 0
@@ -146,6 +147,7 @@ class Controller:
         self._working.clear()
         self._again.clear()
         self._needs.clear()
+        self._wanted_since.clear()
         self.idle.set()
 
     async def _work(self) -> None:
@@ -180,10 +182,8 @@ class Controller:
 
     async def reconcile(self, key: PodKey) -> None:
         pod = self.view.pods.get(key)
-        desired: list[Desired] = []
+        desired, clashes = self._desired(pod)
         if pod is not None:
-            wanted, clashes = desired_for(self.view, pod, force_namespaced=self.force_namespaced)
-            desired = [d for d in wanted if self._node_exists(d.node)]
             for clash in clashes:
                 self._event(
                     pod,
@@ -194,6 +194,10 @@ class Controller:
                 )
         self._update_needs(key, desired)
         wanted_keys = {d.key for d in desired}
+        since = self._wanted_since.get(key)
+        if since is not None:  # only what the pod still wants is timed
+            for gone in set(since) - wanted_keys:
+                del since[gone]
         for record in self.view.assignments_of(key):
             a: AssignmentView = record.view
             akey = (a.meta.namespace, a.meta.name)
@@ -208,7 +212,7 @@ class Controller:
             have = existing.get(d.key)
             ready = self._ready(d)
             if have is None:
-                self._wanted_since.setdefault(d.key, time.monotonic())
+                self._wanted_since.setdefault(key, {}).setdefault(d.key, time.monotonic())
                 ready = await self._create(d)
             elif not matches(have, d):
                 await self._replace(d, have, ASSIGNED if ready else CREATED)
@@ -216,14 +220,18 @@ class Controller:
                 await self._mark_assigned(d)
             if not ready:
                 self._touch(d)
+        if not self._wanted_since.get(key):
+            self._wanted_since.pop(key, None)
+
+    def _desired(self, pod: Pod | None) -> tuple[list[Desired], list[Clash]]:
+        """The pod's assignments on nodes that exist, and the name clashes left out."""
+        if pod is None:
+            return [], []
+        wanted, clashes = desired_for(self.view, pod, force_namespaced=self.force_namespaced)
+        return [d for d in wanted if self._node_exists(d.node)], clashes
 
     def _refresh_needs(self, key: PodKey) -> None:
-        pod = self.view.pods.get(key)
-        desired: list[Desired] = []
-        if pod is not None:
-            wanted, _ = desired_for(self.view, pod, force_namespaced=self.force_namespaced)
-            desired = [d for d in wanted if self._node_exists(d.node)]
-        self._update_needs(key, desired)
+        self._update_needs(key, self._desired(self.view.pods.get(key))[0])
 
     def _node_exists(self, node: str) -> bool:
         """A deleted node's assignments go (no ARM call); before the nodes are known,
@@ -359,7 +367,8 @@ class Controller:
         self._assigned(d)
 
     def _assigned(self, d: Desired) -> None:
-        since = self._wanted_since.pop(d.key, None)
+        pending = self._wanted_since.get(pod_key(d.pod))
+        since = pending.pop(d.key, None) if pending is not None else None
         if since is not None:
             self.metrics.assignment_latency.observe(time.monotonic() - since)
         self._binding_event(
@@ -378,7 +387,6 @@ class Controller:
             await self.writes.delete("delete", path)
         if a.finalizers:
             await self.writes.merge("finalizer", path, {"metadata": {"finalizers": None}})
-        self._wanted_since.pop((a.meta.namespace, a.meta.name), None)
         if a.meta.uid:
             self._deleted[a.meta.uid] = None
             if len(self._deleted) > REMEMBERED_DELETES:

@@ -125,6 +125,14 @@ class Machines:
         machine = self._machines.get(node.key)
         return (machine.step, machine.last_error) if machine else ("", "")
 
+    @property
+    def idle(self) -> bool:
+        """No worker is running or due, and no ledger clean-up is pending."""
+        return not self._background and all(
+            (m.task is None or m.task.done()) and not m.dirty.is_set()
+            for m in self._machines.values()
+        )
+
     def touch(self, node: NodeResource) -> None:
         machine = self._machine(node)
         machine.dirty.set()

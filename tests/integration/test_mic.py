@@ -64,6 +64,16 @@ def events(w: LoopbackWorld, reason: str) -> list[dict[str, Any]]:
     return [e for e in w.kube.list("v1", "Event") if e.get("reason") == reason]
 
 
+async def quiescent(mic: Mic) -> None:
+    """Wait until the controller has nothing queued or running: every pod reconciled, every
+    VM/scale-set worker finished, removals allowed. Whatever it would do, it has done."""
+    c, machines = mic.controller, mic.machines
+    assert c is not None and machines is not None
+    await until(
+        lambda: c.idle.is_set() and machines.settled and machines.idle, what="a quiet controller"
+    )
+
+
 def kube_writes(w: LoopbackWorld) -> int:
     return sum(
         n
@@ -347,13 +357,9 @@ async def test_one_identity_shared_by_pods_on_two_instances_stays_until_the_last
 
     w.kube.delete("v1", "Pod", "a", "default")
     await until(lambda: assignment(w, "a-default-shared") is None, what="a's gone")
-    await asyncio.sleep(0)  # the controller's machine worker runs on the loop
-    await until(lambda: w.kube.get("v1", "Pod", "a", "default") is None)
+    await quiescent(w.mics[0])
     # b on the other instance still needs it: still there, and nothing was written to ARM.
-    settle = time.monotonic() + 1.0
-    while time.monotonic() < settle:
-        assert ident.resource_id.lower() in on_vmss(w)
-        await asyncio.sleep(0.05)
+    assert ident.resource_id.lower() in on_vmss(w)
     assert arm_writes(w) == 1
     w.kube.delete("v1", "Pod", "b", "default")
     await until(lambda: not on_vmss(w), what="the last user gone")
@@ -378,11 +384,7 @@ async def test_immutable_and_preexisting_identities_are_never_removed(world: Loo
     writes = arm_writes(w)
     w.kube.delete("v1", "Pod", "web", "default")
     await until(lambda: not all_assignments(w), what="assignments gone")
-    # Give the machine worker every chance to (wrongly) remove them.
-    mic = w.mics[0]
-    assert mic.machines is not None
-    await until(lambda: all(not m_.dirty.is_set() for m_ in mic.machines._machines.values()))
-    await asyncio.sleep(0.5)
+    await quiescent(w.mics[0])  # whatever the controller would remove, it has removed
     assert on_vmss(w) == {person.resource_id.lower(), pinned.resource_id.lower()}
     assert arm_writes(w) == writes
 
@@ -396,7 +398,7 @@ async def test_the_clusters_own_identity_is_immutable(world: LoopbackWorld) -> N
     await until(lambda: state(w, "web-default-kubelet") == "Assigned", what="Assigned")
     w.kube.delete("v1", "Pod", "web", "default")
     await until(lambda: not all_assignments(w), what="gone")
-    await asyncio.sleep(0.5)
+    await quiescent(w.mics[0])
     assert own.resource_id.lower() in on_vmss(w)
 
 
@@ -503,7 +505,7 @@ async def test_a_deleted_nodes_assignments_go_without_an_arm_call(chain: Loopbac
     calls = sum(w.arm.requests.values())
     w.kube.delete("v1", "Node", w.node)
     await until(lambda: assignment(w, "web-default-ident") is None, what="assignment gone")
-    await asyncio.sleep(0.5)
+    await quiescent(w.mics[0])
     assert sum(w.arm.requests.values()) == calls
 
 
@@ -532,10 +534,8 @@ async def test_a_restarted_controller_adopts_what_is_right_and_writes_nothing(
     second = await w.start_mic()
     await until(second.is_acting, what="the new replica acting")
     assert second.controller is not None
-    await until(lambda: second.controller.idle.is_set() and second.controller.reconciles >= 6)
-    assert second.machines is not None
-    await until(lambda: all(not x.dirty.is_set() for x in second.machines._machines.values()))
-    await asyncio.sleep(0.5)
+    await until(lambda: second.controller.reconciles >= 6, what="every pod reconciled")
+    await quiescent(second)
     assert kube_writes(w) == kube_before
     assert arm_writes(w) == arm_before
     # And it still acts: a new pod is assigned.
