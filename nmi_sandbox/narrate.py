@@ -58,7 +58,19 @@ class Narrator:
             await asyncio.sleep(0.02)  # a view of two emulators' state, not a wait on it
 
     def _look(self) -> None:
+        """Print what changed since the last look, in causal order when several things did:
+        identities added to the scale set (they precede ``Assigned``), then the assignments,
+        then identities removed (they follow a deletion)."""
         w = self.world
+        vmss = w.vmss_id.rsplit("/", 1)[-1]
+        on_vmss = {i.rsplit("/", 1)[-1] for i in w.arm.identities_on(w.vmss_id)}
+        before = self._on_vmss if self._on_vmss is not None else on_vmss
+        patches = w.arm.requests["PATCH vmss"]
+        for name in sorted(on_vmss - before):
+            self._print(
+                f"ARM: identity {name} added to scale set {vmss} "
+                f"(PATCH #{patches}, long-running operation followed)"
+            )
         seen: dict[str, str] = {}
         for a in w.kube.list(GV, "AzureAssignedIdentity"):
             meta = a["metadata"]
@@ -77,17 +89,6 @@ class Narrator:
         for name in sorted(set(self._assignments) - set(seen)):
             self._print(f"controller: AzureAssignedIdentity {name} deleted")
         self._assignments = seen
-        on_vmss = {i.rsplit("/", 1)[-1] for i in w.arm.identities_on(w.vmss_id)}
-        if self._on_vmss is not None and on_vmss != self._on_vmss:
-            patches = w.arm.requests["PATCH vmss"]
-            for name in sorted(on_vmss - self._on_vmss):
-                self._print(
-                    f"ARM: identity {name} added to scale set {w.vmss_id.rsplit('/', 1)[-1]} "
-                    f"(PATCH #{patches}, long-running operation followed)"
-                )
-            for name in sorted(self._on_vmss - on_vmss):
-                self._print(
-                    f"ARM: identity {name} removed from scale set "
-                    f"{w.vmss_id.rsplit('/', 1)[-1]} (PATCH #{patches})"
-                )
+        for name in sorted(before - on_vmss):
+            self._print(f"ARM: identity {name} removed from scale set {vmss} (PATCH #{patches})")
         self._on_vmss = on_vmss
