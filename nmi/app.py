@@ -52,7 +52,9 @@ from .ops.looplag import LoopLag
 from .ops.metrics import Metrics, MetricsServer, counter, exact_counter, gauge
 from .ops.probes import Probes
 from .tokens.cache import CacheKey, TokenCache
+from .tokens.federation import Federation
 from .tokens.service import TokenService
+from .tokens.shadow import ShadowTrials
 from .tokens.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Daemon:
         self.cache = TokenCache()
         self.upstream = Upstream(settings=settings)
         self.tokens: TokenService | None = None
+        self.federation: Federation | None = None
         self.proxy = MetadataProxy(
             endpoint=settings.metadata_endpoint, timeout=settings.upstream_timeout
         )
@@ -115,16 +118,33 @@ class Daemon:
         self.watch = ClusterWatch(api=api, index=self.index, mode=s.operation_mode)
         self.watch.start()
         self.secrets = SecretStore(api=api)
+        if isinstance(api, KubeApi):  # federated identities need the TokenRequest API
+            self.federation = Federation(
+                index=self.index,
+                cache=self.cache,
+                api=api,
+                default_audience=s.federated_token_audience,
+            )
+            self.index.pod_gone.append(self.federation.pod_gone)
+            self.metrics.add_collector(self.federation.collect)
+        federation = self.federation
         self.tokens = TokenService(
             settings=s,
             secrets=self.secrets,
             upstream=self.upstream,
             cache=self.cache,
             metrics=self.metrics,
+            assertions=federation.assertions if federation is not None else None,
+            pod_of_service_account=federation.presenter if federation is not None else None,
         )
         if s.kube_events and isinstance(api, KubeApi):
             self.events = EventRecorder(api=api, node_name=s.node_name)
             self._background.append(asyncio.create_task(self.events.run(), name="events"))
+        if federation is not None:
+            federation.shadow = ShadowTrials(settings=s, tokens=self.tokens, events=self.events)
+            self._background.append(
+                asyncio.create_task(federation.shadow.run(), name="federation-shadow")
+            )
         self.books = Bookkeeping(
             settings=s, metrics=self.metrics, events=self.events, last_errors=self.last_errors
         )
@@ -138,6 +158,7 @@ class Daemon:
             resolver=self.resolver,
             tokens=self.tokens,
             books=self.books,
+            shadow=federation.shadow if federation is not None else None,
         )
         self.handler = ImdsHandler(
             settings=s,
@@ -392,6 +413,8 @@ class Daemon:
 
     def _token_in_use(self, key: CacheKey) -> bool:
         """Does a pod of this node still have the identity this cached token belongs to?"""
+        if key.subject and (self.federation is None or not self.federation.in_use(key)):
+            return False  # a federated token: no pod of its service account is left
         if key.owner == NODE_IDENTITY:
             return any(
                 exc.matches(pod)
@@ -423,6 +446,8 @@ class Daemon:
         while True:
             await asyncio.sleep(60)
             self.cache.sweep()
+            if self.federation is not None:
+                self.federation.assertions.sweep()
             if self.callers is not None:
                 self.callers.prune()
 
@@ -474,6 +499,8 @@ class Daemon:
         if self.secrets is not None:
             await self.secrets.close()
         await self.cache.close()
+        if self.federation is not None:
+            await self.federation.assertions.close()
         await self.proxy.close()
         self.upstream.close()
         await self.probes.stop()

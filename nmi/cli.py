@@ -182,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="KEY or KEY=VALUE: only Secrets carrying this label may hold an identity's "
         "credential; empty: any Secret of the identity's namespace",
     )
+    p.add_argument(
+        "--federated-token-audience",
+        default="api://AzureADTokenExchange",
+        help="audience of the service-account tokens exchanged with Azure AD for federated "
+        "identities (spec.type 3); annotation aadpodidentity.k8s.io/federated-token-audience "
+        "on an identity overrides it",
+    )
+    p.add_argument(
+        "--federation-shadow-interval",
+        type=seconds,
+        default=600.0,
+        help="how often the background federation trial of an identity annotated "
+        "aadpodidentity.k8s.io/federation=shadow runs per service account (Go duration or "
+        "seconds, at least 10s)",
+    )
     compat_flags(p, COMPAT_FLAGS)
     return p
 
@@ -232,6 +247,8 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         ),
         startup_taint=args.startup_taint,
         secret_label=args.secret_label,
+        federated_token_audience=args.federated_token_audience.strip(),
+        federation_shadow_interval=args.federation_shadow_interval,
     )
 
 

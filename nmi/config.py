@@ -96,6 +96,11 @@ class Settings:
     metrics_allowed_sources: tuple[str, ...] = ()  # CIDRs; empty: the metrics port is open
     startup_taint: str = ""  # taint key removed from the node once interception is verified
     secret_label: str = ""  # key or key=value a Secret must carry to be used; empty: any
+    # Federation (spec.type 3): the audience of the service-account tokens nmi requests
+    # for Azure AD (an identity's annotation may name another), and how often the
+    # "shadow" trial of an identity with one service account may run.
+    federated_token_audience: str = "api://AzureADTokenExchange"
+    federation_shadow_interval: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.node_name:
@@ -143,6 +148,10 @@ class Settings:
                 )
         if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
             raise ConfigError(f"--startup-taint={self.startup_taint!r} is not a taint key")
+        if not self.federated_token_audience.strip():
+            raise ConfigError("--federated-token-audience must not be empty")
+        if self.federation_shadow_interval < 10:
+            raise ConfigError("--federation-shadow-interval must be at least 10s")
         if self.secret_label:
             key, _, _ = self.secret_label.partition("=")
             if not _TAINT_KEY.match(key):

@@ -14,8 +14,25 @@ really sends, in the shape Entra ID really answers them:
   with endpoints built from the ``Host`` the client used;
 * ``GET /{tenant}/discovery/v2.0/keys`` - the JWKS of the token-signing key;
 * ``POST /{tenant}/oauth2/v2.0/token`` - the client-credentials grant with a
-  client secret (form body or HTTP Basic) or a certificate-signed client
-  assertion (RS256 / PS256, ``x5t`` / ``x5t#S256``), verified for real.
+  client secret (form body or HTTP Basic), a certificate-signed client
+  assertion (RS256 / PS256, ``x5t`` / ``x5t#S256``), verified for real, or a
+  *federated* assertion: workload identity federation, below.
+
+Workload identity federation: applications (:meth:`AzureAdServer.add_app`) and
+user-assigned managed identities (:meth:`AzureAdServer.add_managed_identity`,
+service principals without secrets or certificates) may carry up to 20
+federated identity credentials (:meth:`AzureAdServer.add_federated_credential`:
+issuer, subject, audiences).  A ``jwt-bearer`` client assertion whose ``iss``
+is not the client id (and whose ``x5t`` names no certificate of the client) is
+a federated assertion - a Kubernetes service-account token, say - and is
+checked as Entra ID checks it: matching credential (AADSTS70021), the issuer's
+OIDC discovery document and JWKS fetched over HTTPS trusting the emulator's
+CA and cached per issuer, with one JWKS refetch for an unknown ``kid`` at most
+every 10 s (AADSTS50166), RS256 signature (AADSTS700027), ``exp`` / ``nbf``
+(AADSTS700024).  The steps live in :mod:`nmi_sandbox.federation`.  Tokens
+issued for it have ``appidacr`` "2"; ``federated_exchanges``,
+``federated_issued`` (client, subject, ``uti``) and ``issuer_fetches`` let a
+test tell which service account obtained which token.
 
 Errors carry the real status codes and the real JSON shape
 (``error``, ``error_description`` with ``AADSTSnnnn: ... Trace ID ...``,
@@ -25,15 +42,20 @@ tells the pod) is driven by exactly those fields.
 
 Fault knobs (``latency``, ``outage``, :meth:`AzureAdServer.fail_next`,
 :meth:`AzureAdServer.throttle_next`) and counters (``token_requests``,
-``issued``) let tests drive and observe the daemon's upstream behaviour:
-single-flight, refresh-ahead, retry and back-off.
+``issued``; every issued token has a unique ``uti``) let tests drive and
+observe the daemon's upstream behaviour: single-flight, refresh-ahead, retry
+and back-off.
 
 Deliberate limits: only the client-credentials grant is emulated; tokens are
 always v1.0 access tokens (what ARM, Key Vault and Storage get); Subject
 Name/Issuer (``x5c``) trust, certificate expiry, secret expiry, conditional
-access, regional endpoints and v1 endpoints are not emulated.  Entra ID accepts
-a client assertion more than once until it expires (MSAL reuses one assertion
-for about nine minutes), so the emulator does too unless
+access, regional endpoints and v1 endpoints are not emulated; nor are, for
+federation, flexible-expression claims matching (``claimsMatchingExpression``),
+expiry of the issuer cache, the field-length limits of federated credentials,
+the AADSTS700211/700212/7002131 variants of AADSTS70021, and managed identities
+obtaining tokens any other way (that is the IMDS emulator's job).  Entra ID
+accepts a client assertion more than once until it expires (MSAL reuses one
+assertion for about nine minutes), so the emulator does too unless
 ``reject_replayed_assertions`` is set.
 """
 
@@ -63,12 +85,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from nmi_sandbox.federation import (
+    CERTIFICATE_CREDENTIALS_DOCS,
+    MAX_FEDERATED_CREDENTIALS,
+    TOKEN_EXCHANGE_AUDIENCE,
+    FederatedCredential,
+    FederationError,
+    OidcIssuers,
+    unverified_assertion,
+    verify_federated_assertion,
+)
+from nmi_sandbox.federation import iso_time as _iso
 from nmi_sandbox.tls import CertificateAuthority, make_client_certificate
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE_JWT",
     "DEFAULT_RESOURCES",
+    "TOKEN_EXCHANGE_AUDIENCE",
     "AzureAdServer",
+    "FederatedCredential",
     "TokenSigner",
     "resource_key",
 ]
@@ -90,11 +125,7 @@ DEFAULT_RESOURCES: Final[tuple[str, ...]] = (
 _CLOCK_SKEW: Final = 300
 _JSON: Final = "application/json"
 _GENERIC_TENANTS: Final = frozenset({"common", "organizations", "consumers"})
-_CERT_DOCS: Final = (
-    "Review the documentation at "
-    "https://docs.microsoft.com/azure/active-directory/develop/"
-    "active-directory-certificate-credentials ."
-)
+_CERT_DOCS: Final = CERTIFICATE_CREDENTIALS_DOCS
 
 
 def resource_key(resource: str) -> str:
@@ -199,6 +230,18 @@ class _App:
     object_id: str
     secrets: list[str] = field(default_factory=list)
     certificates: list[_Certificate] = field(default_factory=list)
+    managed_identity: bool = False
+    federated: dict[str, FederatedCredential] = field(default_factory=dict)  # casefolded name
+
+
+@dataclass(frozen=True)
+class _Federated:
+    """A federated client assertion, parsed without verification."""
+
+    assertion: str
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    subject: str
 
 
 @dataclass(frozen=True)
@@ -228,6 +271,18 @@ def _parse_certificate(pem: bytes | str) -> _Certificate:
         sha1=cert.fingerprint(hashes.SHA1()),  # noqa: S303 - x5t is SHA-1 by spec
         sha256=cert.fingerprint(hashes.SHA256()),
     )
+
+
+def _certificate_for(app: _App, header: Mapping[str, Any]) -> _Certificate | None:
+    """The registered certificate that an assertion header's ``x5t#S256`` / ``x5t`` names."""
+    sha256 = _thumbprint_bytes(header.get("x5t#S256"))
+    sha1 = _thumbprint_bytes(header.get("x5t"))
+    for cert in app.certificates:
+        if (sha256 is not None and cert.sha256 == sha256) or (
+            sha1 is not None and cert.sha1 == sha1
+        ):
+            return cert
+    return None
 
 
 def _thumbprint_bytes(value: object) -> bytes | None:
@@ -303,6 +358,15 @@ class AzureAdServer:
         self.last_assertion_claims: dict[str, Any] | None = None
         #: JOSE header of that assertion.
         self.last_assertion_header: dict[str, Any] | None = None
+        #: Token requests that presented a federated assertion (any outcome),
+        #: by (client_id, the assertion's unverified ``sub``).
+        self.federated_exchanges: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: (client_id, assertion subject, ``uti``) of every token issued for a federated
+        #: assertion: which service account obtained which access token.
+        self.federated_issued: list[tuple[str, str, str]] = []
+        #: HTTPS fetches of external OIDC discovery documents and JWKS, by URL.
+        self.issuer_fetches: collections.Counter[str] = collections.Counter()
+        self._issuers = OidcIssuers(self._ca.cert_pem, self.issuer_fetches)
 
     # ----------------------------------------------------------------- registry
 
@@ -338,27 +402,112 @@ class AzureAdServer:
         self._apps[client_id.casefold()] = app
         return app.object_id
 
+    def add_managed_identity(
+        self, *, tenant_id: str, client_id: str, object_id: str | None = None
+    ) -> str:
+        """Register a user-assigned managed identity's service principal; return its object id.
+
+        It has no secrets or certificates: here it obtains tokens only by
+        presenting an assertion that one of its federated credentials accepts.
+        The tenant is created if needed.
+        """
+        if tenant_id.casefold() not in self._tenants:
+            self.add_tenant(tenant_id)
+        identity = _App(
+            tenant_id=self._tenants[tenant_id.casefold()],
+            client_id=client_id,
+            object_id=object_id or str(uuid.uuid4()),
+            managed_identity=True,
+        )
+        self._apps[client_id.casefold()] = identity
+        return identity.object_id
+
+    def add_federated_credential(
+        self,
+        client_id: str,
+        *,
+        issuer: str,
+        subject: str,
+        audiences: Sequence[str] = (TOKEN_EXCHANGE_AUDIENCE,),
+        name: str | None = None,
+    ) -> str:
+        """Add a federated identity credential to an app or managed identity; return its name.
+
+        Like Entra ID: at most 20 per app, names unique (case-insensitively),
+        one credential per (issuer, subject) pair, at least one audience.
+        Raises ValueError otherwise and KeyError for an unknown client id.
+        """
+        app = self._app(client_id)
+        if not issuer or not subject:
+            raise ValueError("a federated credential needs an issuer and a subject")
+        if isinstance(audiences, str):
+            audiences = (audiences,)
+        if not audiences or not all(audiences):
+            raise ValueError("a federated credential needs at least one audience")
+        if len(app.federated) >= MAX_FEDERATED_CREDENTIALS:
+            raise ValueError(
+                f"{app.client_id} already has {MAX_FEDERATED_CREDENTIALS} federated identity "
+                "credentials (the most Entra ID allows)"
+            )
+        if name is None:
+            n = len(app.federated) + 1
+            while f"fic-{n}" in app.federated:
+                n += 1
+            name = f"fic-{n}"
+        if not name:
+            raise ValueError("a federated credential needs a name")
+        if name.casefold() in app.federated:
+            raise ValueError(f"{app.client_id} already has a federated credential named {name!r}")
+        if any(c.issuer == issuer and c.subject == subject for c in app.federated.values()):
+            raise ValueError(
+                f"{app.client_id} already has a federated credential for issuer {issuer!r} and "
+                f"subject {subject!r}"
+            )
+        app.federated[name.casefold()] = FederatedCredential(
+            name=name, issuer=issuer, subject=subject, audiences=tuple(audiences)
+        )
+        return name
+
+    def remove_federated_credential(self, client_id: str, name: str) -> None:
+        """Delete a federated credential; the next token request no longer matches it."""
+        app = self._app(client_id)
+        try:
+            del app.federated[name.casefold()]
+        except KeyError:
+            raise KeyError(f"{app.client_id} has no federated credential named {name!r}") from None
+
+    def federated_credentials(self, client_id: str) -> list[FederatedCredential]:
+        """The federated credentials of an app or managed identity, oldest first."""
+        return list(self._app(client_id).federated.values())
+
     def set_secrets(self, client_id: str, secrets: Sequence[str]) -> None:
         """Replace the app's client secrets (rotation); old ones stop working at once."""
-        self._app(client_id).secrets = list(secrets)
+        self._app(client_id, credentials=True).secrets = list(secrets)
 
     def set_certificates(self, client_id: str, certificates: Sequence[bytes | str]) -> None:
         """Replace the app's certificate credentials (PEM)."""
-        self._app(client_id).certificates = [_parse_certificate(c) for c in certificates]
+        self._app(client_id, credentials=True).certificates = [
+            _parse_certificate(c) for c in certificates
+        ]
 
     def add_resource(self, resource_uri: str) -> None:
         """Make ``resource_uri`` a known resource (application ID URI) in every tenant."""
         self._resources.add(resource_key(resource_uri))
 
     def object_id(self, client_id: str) -> str:
-        """The object id of a registered app (the ``oid`` of its tokens)."""
+        """The object id of a registered app or managed identity (the ``oid`` of its tokens)."""
         return self._app(client_id).object_id
 
-    def _app(self, client_id: str) -> _App:
+    def _app(self, client_id: str, *, credentials: bool = False) -> _App:
         try:
-            return self._apps[client_id.casefold()]
+            app = self._apps[client_id.casefold()]
         except KeyError:
             raise KeyError(f"no application with client id {client_id!r}") from None
+        if credentials and app.managed_identity:
+            raise ValueError(
+                f"{client_id} is a managed identity: it has no secrets or certificates"
+            )
+        return app
 
     # -------------------------------------------------------------------- knobs
 
@@ -403,11 +552,12 @@ class AzureAdServer:
         logger.info("Azure AD emulator listening on %s", self.url)
 
     async def stop(self) -> None:
-        """Stop listening and close connections."""
+        """Stop listening and close connections (the issuer client's too)."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
             logger.info("Azure AD emulator stopped")
+        await self._issuers.close()
 
     @property
     def port(self) -> int:
@@ -441,6 +591,15 @@ class AzureAdServer:
     def ca_pem(self) -> bytes:
         """The PEM certificate of the CA that signed the server certificate."""
         return self._ca.cert_pem
+
+    @property
+    def jwks_refetch_interval(self) -> float:
+        """Minimum seconds between two unknown-``kid`` JWKS refetches of one issuer (10)."""
+        return self._issuers.refetch_interval
+
+    @jwks_refetch_interval.setter
+    def jwks_refetch_interval(self, seconds: float) -> None:
+        self._issuers.refetch_interval = seconds
 
     @property
     def signer(self) -> TokenSigner:
@@ -700,6 +859,9 @@ class AzureAdServer:
         resource = _split_scope(scope) or scope
         self.token_requests[(client_id, resource)] += 1
         self.requests_total += 1
+        federated = self._federated_assertion(form, client_id)
+        if federated is not None:
+            self.federated_exchanges[(client_id, federated.subject)] += 1
         await self._notify()
 
         if self.latency > 0:
@@ -717,7 +879,7 @@ class AzureAdServer:
             return self._injected_failure(request, self._failures.popleft())
 
         try:
-            response = self._issue(request, form, basic)
+            response = await self._issue(request, form, basic, federated)
         except _AadError as exc:
             response = self._render(request, exc)
         await self._notify()
@@ -756,11 +918,12 @@ class AzureAdServer:
             form.setdefault(key, value)
         return form
 
-    def _issue(
+    async def _issue(
         self,
         request: web.Request,
         form: Mapping[str, str],
         basic: tuple[str, str] | None,
+        federated: _Federated | None,
     ) -> web.Response:
         segment = request.match_info["tenant"]
         if segment.casefold() in _GENERIC_TENANTS:
@@ -804,7 +967,7 @@ class AzureAdServer:
                 "You may have sent your authentication request to the wrong tenant.",
             )
 
-        appidacr = self._authenticate(request, app, form, basic, segment)
+        appidacr = await self._authenticate(request, app, form, basic, segment, federated)
 
         resource = _split_scope(scope)
         if resource is None:
@@ -830,6 +993,7 @@ class AzureAdServer:
         lifetime = int(self.token_lifetime)
         now = int(time.time())
         issuer = f"https://sts.windows.net/{tenant_id}/"
+        uti = _b64url(uuid.uuid4().bytes)  # unique per token, like Entra ID's
         claims = {
             "aud": resource,
             "iss": issuer,
@@ -844,11 +1008,13 @@ class AzureAdServer:
             "oid": app.object_id,
             "sub": app.object_id,
             "tid": tenant_id,
-            "uti": _b64url(uuid.uuid4().bytes),
+            "uti": uti,
             "ver": "1.0",
         }
         token = self._signer.sign(claims)
         self.issued[(client_id, resource)] += 1
+        if federated is not None:
+            self.federated_issued.append((client_id, federated.subject, uti))
         logger.info(
             "AAD issued token client_id=%s resource=%s tenant=%s lifetime=%d",
             app.client_id,
@@ -879,19 +1045,70 @@ class AzureAdServer:
         # An app registered in the tenant is itself a resource: by client id or api://<id>.
         candidate = key.removeprefix("api://")
         app = self._apps.get(candidate)
-        return app is not None and app.tenant_id == tenant_id
+        return app is not None and app.tenant_id == tenant_id and not app.managed_identity
 
     # ------------------------------------------------------------ client auth
 
-    def _authenticate(
+    def _federated_assertion(self, form: Mapping[str, str], client_id: str) -> _Federated | None:
+        """The request's client assertion if it is a federated one (unverified), else None.
+
+        A ``jwt-bearer`` assertion is federated when its ``iss`` is not the
+        client id and its ``x5t`` / ``x5t#S256`` names no certificate of the
+        client (GitHub's tokens carry an ``x5t`` too; a certificate assertion
+        with a foreign ``iss`` stays a certificate assertion, rejected with
+        AADSTS700021).
+        """
+        assertion = form.get("client_assertion")
+        if not assertion or form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE_JWT:
+            return None
+        parsed = unverified_assertion(assertion)
+        if parsed is None:
+            return None
+        header, claims = parsed
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or issuer.casefold() == client_id.casefold():
+            return None
+        app = self._apps.get(client_id.casefold())
+        if app is not None and _certificate_for(app, header) is not None:
+            return None
+        subject = claims.get("sub")
+        return _Federated(
+            assertion=assertion,
+            header=header,
+            claims=claims,
+            subject=subject if isinstance(subject, str) else "",
+        )
+
+    async def _verify_federated(self, app: _App, federated: _Federated) -> None:
+        try:
+            claims = await verify_federated_assertion(
+                federated.assertion,
+                federated.header,
+                federated.claims,
+                list(app.federated.values()),
+                self._issuers,
+            )
+        except FederationError as exc:
+            raise _AadError(exc.status, exc.error, exc.code, exc.message) from None
+        self.last_assertion_claims = claims
+        self.last_assertion_header = dict(federated.header)
+        logger.info(
+            "AAD accepted federated assertion client_id=%s iss=%s sub=%s",
+            app.client_id,
+            claims.get("iss"),
+            federated.subject,
+        )
+
+    async def _authenticate(
         self,
         request: web.Request,
         app: _App,
         form: Mapping[str, str],
         basic: tuple[str, str] | None,
         tenant_segment: str,
+        federated: _Federated | None,
     ) -> str:
-        """Check the client credential; return ``appidacr`` ("1" secret, "2" certificate)."""
+        """Check the client credential; return ``appidacr`` ("1" secret, "2" assertion)."""
         secret = form.get("client_secret")
         if basic is not None:
             basic_id, basic_secret = basic
@@ -920,7 +1137,10 @@ class AzureAdServer:
                     "credential. Ensure that you have all the necessary parameters for the "
                     "login request.",
                 )
-            self._verify_assertion(request, app, assertion, tenant_segment)
+            if federated is not None and federated.assertion == assertion:
+                await self._verify_federated(app, federated)
+            else:
+                self._verify_assertion(request, app, assertion, tenant_segment)
             return "2"
         raise _AadError(
             401,
@@ -948,16 +1168,10 @@ class AzureAdServer:
                 "Client assertion contains an invalid signature. [Reason - The signing "
                 f"algorithm '{algorithm}' is not supported.]",
             )
-        sha256 = _thumbprint_bytes(header.get("x5t#S256"))
-        sha1 = _thumbprint_bytes(header.get("x5t"))
-        certificate = None
-        for cert in app.certificates:
-            if (sha256 is not None and cert.sha256 == sha256) or (
-                sha1 is not None and cert.sha1 == sha1
-            ):
-                certificate = cert
-                break
+        certificate = _certificate_for(app, header)
         if certificate is None:
+            sha256 = _thumbprint_bytes(header.get("x5t#S256"))
+            sha1 = _thumbprint_bytes(header.get("x5t"))
             shown = (sha256 or sha1 or b"").hex().upper()
             raise _AadError(
                 401,
@@ -1092,11 +1306,6 @@ def _invalid_secret(client_id: str) -> _AadError:
         f"client secret value, not the client secret ID, for a secret added to app "
         f"'{client_id}'.",
     )
-
-
-def _iso(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
 
 
 def _parse_basic(header: str | None) -> tuple[str, str] | None:

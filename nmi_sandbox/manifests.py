@@ -25,6 +25,7 @@ def pod(
     phase: str = "Running",
     host_network: bool = False,
     uid: str | None = None,
+    service_account: str = "",
 ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -39,6 +40,7 @@ def pod(
             "nodeName": node,
             "hostNetwork": host_network,
             "containers": [{"name": "app", "image": "example.com/app:1"}],
+            **({"serviceAccountName": service_account} if service_account else {}),
         },
         "status": {
             "phase": phase,
@@ -62,6 +64,7 @@ def azure_identity(
     ad_endpoint: str = "",
     namespaced: bool = False,
     legacy_keys: bool = False,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """An AzureIdentity; ``legacy_keys`` writes the pre-1.6 capitalised keys."""
     spec: dict[str, Any] = {"type": type}
@@ -80,9 +83,20 @@ def azure_identity(
     if ad_endpoint:
         spec["adEndpoint"] = ad_endpoint
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    notes = dict(annotations or {})
     if namespaced:
-        meta["annotations"] = {"aadpodidentity.k8s.io/Behavior": "namespaced"}
+        notes["aadpodidentity.k8s.io/Behavior"] = "namespaced"
+    if notes:
+        meta["annotations"] = notes
     return {"apiVersion": GROUP_VERSION, "kind": "AzureIdentity", "metadata": meta, "spec": spec}
+
+
+def service_account(*, name: str, namespace: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace},
+    }
 
 
 def binding(

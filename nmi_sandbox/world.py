@@ -304,11 +304,15 @@ class LoopbackWorld:
         labels: dict[str, str] | None = None,
         ip: str | None = None,
         phase: str = "Running",
+        service_account: str = "",
     ) -> dict[str, Any]:
+        """A pod of this node (running as ``service_account``, created if missing)."""
         all_labels = dict(labels or {})
         if selector is not None:
             all_labels["aadpodidbinding"] = selector
         self.ensure_namespace(namespace)
+        if service_account:
+            self.ensure_service_account(namespace, service_account)
         manifest = m.pod(
             name=name,
             namespace=namespace,
@@ -316,12 +320,72 @@ class LoopbackWorld:
             ip=ip or self.new_pod_ip(),
             labels=all_labels,
             phase=phase,
+            service_account=service_account,
         )
         status = manifest.pop("status")
         self.kube.create(manifest)
         # The API server ignores status on create; the kubelet reports it afterwards.
         return self.kube.patch(
             "v1", "Pod", name, namespace, {"status": status}, subresource="status"
+        )
+
+    def ensure_service_account(self, namespace: str, name: str) -> None:
+        self.ensure_namespace(namespace)
+        if self.kube.get("v1", "ServiceAccount", name, namespace) is None:
+            self.kube.create(m.service_account(name=name, namespace=namespace))
+
+    def add_federated_identity(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        selector: str | None = None,
+        service_accounts: tuple[str, ...] = ("default",),
+        managed_identity: bool = False,
+        audience: str = "",
+        bind: bool = True,
+        **extra: Any,
+    ) -> Identity:
+        """A federated identity (type 3): an application (or, ``managed_identity``, a
+        user-assigned managed identity known only to Azure AD, on no VM) trusting the
+        cluster's service-account issuer for each of ``service_accounts`` of ``namespace``
+        (none: Azure AD will refuse), its AzureIdentity and (``bind``) a binding."""
+        client_id = str(uuid.uuid4())
+        if managed_identity:
+            object_id = self.aad.add_managed_identity(tenant_id=TENANT, client_id=client_id)
+        else:
+            object_id = self.aad.add_app(tenant_id=TENANT, client_id=client_id)
+        for account in service_accounts:
+            self.federate(client_id, namespace, account, audience=audience)
+        annotations = (
+            {"aadpodidentity.k8s.io/federated-token-audience": audience} if audience else None
+        )
+        self.ensure_namespace(namespace)
+        manifest = self.kube.create(
+            m.azure_identity(
+                name=name,
+                namespace=namespace,
+                type=3,
+                client_id=client_id,
+                tenant_id=TENANT,
+                annotations=annotations,
+                **{"ad_endpoint": f"{self.aad.url}/", **extra},
+            )
+        )
+        return self._bind(
+            name, namespace, 3, client_id, "", object_id, selector, manifest, bind=bind
+        )
+
+    def federate(
+        self, client_id: str, namespace: str, service_account: str, *, audience: str = ""
+    ) -> str:
+        """A federated identity credential on ``client_id`` for a service account of this
+        cluster (issuer: the API server's), as ``az identity federated-credential create``."""
+        return self.aad.add_federated_credential(
+            client_id,
+            issuer=self.kube.issuer,
+            subject=f"system:serviceaccount:{namespace}:{service_account}",
+            audiences=(audience or "api://AzureADTokenExchange",),
         )
 
     def pod_ip(self, pod: dict[str, Any]) -> str:

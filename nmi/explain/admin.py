@@ -59,6 +59,10 @@ def admin_handler(daemon: DaemonView) -> Callable[[web.Request], Awaitable[web.S
                 {"error": "invalid_request", "error_description": "namespace and pod are required"},
                 status=400,
             )
+        federation = daemon.federation
+        if federation is not None and not federation.issuer:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(federation.learn_issuer(), timeout=3.0)
         doc = daemon_explanation(
             daemon,
             namespace=namespace,

@@ -42,6 +42,7 @@ from ..kube.cluster import ClusterWatch
 from ..kube.index import ClusterIndex
 from ..kube.informer import ApiError, RawApi
 from ..kube.objects import Pod
+from ..kube.token_request import service_account_issuer
 from .admin import DEFAULT_ADMIN_SOCKET, query_admin
 from .model import explain_missing, explain_pod, pod_doc
 from .render import EXIT_REFUSED, EXIT_TOKEN, EXIT_USAGE, render_text
@@ -279,6 +280,10 @@ async def _explain(
         selector=request.selector,
         resource=request.resource,
     )
+    federation = doc.get("federation")
+    if isinstance(federation, dict) and not federation.get("issuer") and hasattr(api, "get"):
+        # The issuer Azure AD must trust: the API server's discovery document says it.
+        federation["issuer"] = await service_account_issuer(api) or None
     report["explanation"] = doc
     daemon = await _daemon_section(args, request, pod, node)
     report["daemon"] = daemon

@@ -49,11 +49,14 @@ from ..kube.objects import (
     MIC_STEP_ANNOTATION,
     AzureAssignedIdentity,
     AzureIdentity,
+    IdentityType,
     Pod,
 )
+from ..kube.token_request import subject_of
 from ..ops.last_errors import LastError, LastErrors
 from ..ops.logs import redact_id as redact
 from ..tokens.cache import CLIENT_MARGIN, CachedEntry, TokenCache
+from ..tokens.federation import Federation
 from ..tokens.service import TokenService, node_selector_key
 
 JSONDict = dict[str, Any]
@@ -62,6 +65,7 @@ TYPE_NAMES: Mapping[int | None, str] = {
     0: "user-assigned managed identity",
     1: "service principal (secret)",
     2: "service principal (certificate)",
+    3: "federated (the pod's service-account token)",
     None: "invalid spec.type",
 }
 
@@ -86,12 +90,35 @@ def identity_doc(identity: AzureIdentity) -> JSONDict:
     }
 
 
+DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
+
+
+def federation_doc(
+    identity: AzureIdentity, pod: Pod, *, issuer: str = "", audience: str = ""
+) -> JSONDict | None:
+    """For a federated identity, or one on a shadow trial: the federated credential
+    Azure AD must hold for this pod's service account (issuer, subject, audience)."""
+    if identity.type != IdentityType.FEDERATED and not identity.shadow:
+        return None
+    client_id = identity.federation_client_id or identity.client_id
+    return {
+        "mode": "federated" if identity.type == IdentityType.FEDERATED else "shadow",
+        "application": redact(client_id) if client_id else "",
+        "tenant": identity.tenant_id or None,
+        "service_account": f"{pod.meta.namespace}/{pod.service_account}",
+        "issuer": issuer or None,
+        "subject": subject_of(pod),
+        "audience": identity.federated_audience or audience or DEFAULT_AUDIENCE,
+    }
+
+
 def pod_doc(pod: Pod) -> JSONDict:
     return {
         "namespace": pod.meta.namespace,
         "name": pod.meta.name,
         "uid": pod.meta.uid,
         "node": pod.node_name,
+        "service_account": pod.service_account,
         "phase": pod.phase,
         "ips": list(pod.ips),
         "host_network": pod.host_network,
@@ -260,6 +287,7 @@ def explain_pod(
     selector: IdentitySelector,
     resource: str = "",
     object_id_of: ObjectIdOf = _no_object_ids,
+    issuer: str = "",
 ) -> tuple[JSONDict, Decision | None]:
     """The whole decision chain for ``pod`` on ``index``'s node, and the decision itself
     (``decide``'s; None when the pod could not call at all)."""
@@ -319,6 +347,10 @@ def explain_pod(
     doc["decision"], doc["would_get_token"] = decision_doc(
         decision, settings=settings, selector=selector, resource=resource
     )
+    if isinstance(decision, Grant):
+        doc["federation"] = federation_doc(
+            decision.identity, pod, issuer=issuer, audience=settings.federated_token_audience
+        )
     return doc, decision
 
 
@@ -346,8 +378,10 @@ def cache_doc(
     selector: IdentitySelector,
     resource: str = "",
     now: float | None = None,
+    subject: str = "",
 ) -> JSONDict | None:
-    """The cache entries of the decision's identity (for ``resource`` if given)."""
+    """The cache entries of the decision's identity (for ``resource`` if given); for a
+    federated identity only those of ``subject``, the pod's service account."""
     now = time.time() if now is None else now
     if isinstance(decision, Grant):
         fingerprint = decision.identity.fingerprint
@@ -367,6 +401,8 @@ def cache_doc(
         key = entry.key
         if resource and key.resource != resource:
             continue
+        if key.subject and key.subject != subject:
+            continue  # obtained with another service account's token: never this pod's
         if wanted_credential is not None and key.credential != wanted_credential:
             continue  # the node identity asked with another selector
         if fingerprint and key.credential.split(":", 1)[0] != fingerprint:
@@ -420,6 +456,9 @@ class DaemonView(Protocol):
     @property
     def synced(self) -> bool: ...
 
+    @property
+    def federation(self) -> Federation | None: ...
+
 
 def daemon_explanation(
     daemon: DaemonView,
@@ -447,6 +486,7 @@ def daemon_explanation(
     out["found"] = True
     tokens = daemon.tokens
     object_id_of: ObjectIdOf = tokens.object_id_of if tokens is not None else _no_object_ids
+    federation = daemon.federation
     doc, decision = explain_pod(
         index=daemon.index,
         settings=settings,
@@ -454,6 +494,7 @@ def daemon_explanation(
         selector=selector,
         resource=resource,
         object_id_of=object_id_of,
+        issuer=federation.issuer if federation is not None else "",
     )
     out["explanation"] = doc
     if decision is None:
@@ -461,9 +502,49 @@ def daemon_explanation(
     owner = owner_of(decision)
     if owner is not None:
         entries = daemon.cache.snapshot(owner)
-        out["cache"] = cache_doc(entries, decision, selector=selector, resource=resource, now=now)
+        out["cache"] = cache_doc(
+            entries,
+            decision,
+            selector=selector,
+            resource=resource,
+            now=now,
+            subject=f"{found.meta.namespace}/{found.service_account}",
+        )
         out["last_error"] = error_doc(daemon.last_errors.get(owner), now)
+    if isinstance(decision, Grant) and federation is not None and doc.get("federation"):
+        out["federation"] = daemon_federation_doc(federation, decision.identity, found, now)
     return out
+
+
+def daemon_federation_doc(
+    federation: Federation, identity: AzureIdentity, pod: Pod, now: float
+) -> JSONDict:
+    """What the daemon holds for a federated (or shadow) identity and this pod: its
+    service-account token (never the token itself) and the last shadow trial."""
+    audience = identity.federated_audience or federation.default_audience
+    held = federation.assertions.peek(pod.meta.uid_or_key, audience)
+    trial = federation.shadow.result_for(identity, pod) if federation.shadow else None
+    return {
+        "issuer": federation.issuer or None,
+        "audience": audience,
+        "service_account_token": None
+        if held is None
+        else {
+            "remaining_seconds": int(held.expires_at - now),
+            "presented": federation.assertions.usable(held, now),
+            "issuer": held.issuer,
+            "subject": held.subject,
+            "audience": held.audience,
+        },
+        "shadow": None
+        if trial is None
+        else {
+            "ready": trial.ready,
+            "code": trial.code or None,
+            "summary": trial.describe(),
+            "age_seconds": int(now - trial.at),
+        },
+    }
 
 
 __all__ = ["NODE_IDENTITY", "DaemonView", "daemon_explanation", "explain_missing", "explain_pod"]

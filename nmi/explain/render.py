@@ -8,6 +8,7 @@ must never change a decision.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 JSONDict = dict[str, Any]
@@ -15,6 +16,48 @@ JSONDict = dict[str, Any]
 EXIT_TOKEN = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+
+
+def _federation_lines(
+    add: Callable[[str], None], fed: JSONDict | None, daemon: JSONDict | None
+) -> None:
+    """The federated credential Azure AD must hold for this pod, and the shadow trial."""
+    if not fed:
+        return
+    live: JSONDict = (daemon or {}).get("federation") or {}
+    issuer = (
+        live.get("issuer")
+        or fed.get("issuer")
+        or "(unknown: the API server's --service-account-issuer)"
+    )
+    audience = live.get("audience") or fed["audience"]
+    if fed["mode"] == "federated":
+        add(
+            f"federation: the pod's service-account token ({fed['service_account']}) is "
+            f"exchanged with Azure AD for application {fed['application'] or '-'}; that "
+            "application (or managed identity) needs this federated credential:"
+        )
+    else:
+        add(
+            "federation (shadow trial, annotation aadpodidentity.k8s.io/federation=shadow): "
+            f"to switch to spec.type 3, application {fed['application'] or '-'} needs this "
+            "federated credential:"
+        )
+    add(f"  issuer:   {issuer}")
+    add(f"  subject:  {fed['subject']}")
+    add(f"  audience: {audience}")
+    held = live.get("service_account_token")
+    if held:
+        add(
+            f"  service-account token held: {held['remaining_seconds']}s left"
+            + ("" if held["presented"] else " (too close to expiry: the next exchange renews it)")
+        )
+    shadow = live.get("shadow")
+    if fed["mode"] == "shadow":
+        if shadow:
+            add(f"  last trial ({shadow['age_seconds']}s ago): {shadow['summary']}")
+        elif daemon is not None and daemon.get("available"):
+            add("  last trial: none yet (one runs after the pod's next token request)")
 
 
 def render_text(report: JSONDict, exit_code: int) -> str:
@@ -123,6 +166,7 @@ def render_text(report: JSONDict, exit_code: int) -> str:
         f"IMDS reply: HTTP {imds.get('status')} "
         + (json.dumps(body, separators=(",", ":")) if isinstance(body, dict) else str(body))
     )
+    _federation_lines(add, doc.get("federation"), report.get("daemon"))
     daemon: JSONDict | None = report.get("daemon")
     if daemon is not None:
         add("")

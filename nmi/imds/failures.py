@@ -22,6 +22,7 @@ from ..identity.caller import CallerProblem
 from ..identity.decide import Decision, Deny, IdentitySelector, Wait, owner_of
 from ..kube.objects import AzureIdentity
 from ..kube.secrets import SecretUnavailable
+from ..kube.token_request import TokenRequestError
 from ..ops import events
 from ..ratelimit import TokenBucket
 from ..tokens.credentials import CredentialError
@@ -150,6 +151,8 @@ def upstream(exc: UpstreamError, decision: Decision, resource: str) -> Failure:
     # Azure AD repeats client ids in its descriptions: the pod gets them as sent (they
     # are its own identity's), the Event and `nmi explain` only redacted.
     detail = f": {events.scrub(exc.description)}" if exc.description else ""
+    if exc.shown:  # a federated exchange: what Azure AD was shown, to fix the credential
+        detail += f" (the service-account token presented: {exc.shown})"
     return Failure(
         reply=reply,
         reason=reason,
@@ -187,7 +190,36 @@ def from_exception(exc: Exception, decision: Decision, resource: str) -> Failure
         return misconfigured(str(exc), decision, resource)
     if isinstance(exc, SecretUnavailable):
         return credential_unavailable(str(exc), decision, resource)
+    if isinstance(exc, TokenRequestError):
+        return service_account_token(exc, decision, resource)
     return None
+
+
+def service_account_token(exc: TokenRequestError, decision: Decision, resource: str) -> Failure:
+    """The API server gave no service-account token for a federated identity.
+
+    A missing service account or a refused request is the operator's to fix (400:
+    clients do not retry); nmi's own RBAC, an unreachable or overloaded API server,
+    and a pod that is being replaced are transient for the pod (503, retried).
+    """
+    design_time = not exc.retryable and exc.status in (400, 404, 422)
+    if design_time:
+        reply = replies.bad_request(f"The identity cannot be used: {exc}")
+    else:
+        reply = replies.error(
+            503, "server_error", "The pod's service-account token cannot be obtained now"
+        )
+    return Failure(
+        reply=reply,
+        reason=f"TokenRequest {exc.status or '-'} {exc.reason}",
+        event=(
+            events.IDENTITY_MISCONFIGURED if design_time else events.TOKEN_REQUEST_FAILED,
+            f"Token request for {resource} with {_name(_identity(decision))} failed: the "
+            f"pod's service-account token was not issued: {exc}",
+        ),
+        owner=owner_of(decision),
+        summary=f"service-account token: {exc}",
+    )
 
 
 def credential_unavailable(detail: str, decision: Decision, resource: str) -> Failure:

@@ -40,11 +40,13 @@ from ..identity.decide import (
 from ..identity.wait import Resolver
 from ..kube.objects import AzureIdentity, Pod
 from ..kube.secrets import SecretUnavailable
+from ..kube.token_request import TokenRequestError
 from ..ratelimit import Buckets
 from ..tokens.cache import UpstreamNotAllowed
 from ..tokens.credentials import CredentialError
 from ..tokens.model import Token, UpstreamError
 from ..tokens.service import TokenService
+from ..tokens.shadow import ShadowTrials
 from . import checks, failures, replies
 from .bookkeeping import Access, Bookkeeping
 from .messages import CLOCK, Reply, Request, encode
@@ -60,6 +62,7 @@ class Served:
     token: Token
     client_id: str
     identity: str
+    granted: AzureIdentity | None = None  # the AzureIdentity (None: the node's identity)
 
 
 class TokenRoute:
@@ -71,8 +74,10 @@ class TokenRoute:
         resolver: Resolver,
         tokens: TokenService,
         books: Bookkeeping,
+        shadow: ShadowTrials | None = None,
     ) -> None:
         self.settings = settings
+        self.shadow = shadow
         self.callers = callers
         self.resolver = resolver
         self.tokens = tokens
@@ -91,10 +96,10 @@ class TokenRoute:
         decision = self.resolver.decide_now(pod, query.selector)
         if isinstance(decision, Grant):
             identity = decision.identity
-            token = self.tokens.cached(identity, query.resource)
+            token = self.tokens.cached(identity, query.resource, pod)
             if token is None:
                 return None
-            return Served(token, identity.client_id or token.client_id, identity.meta.key)
+            return Served(token, identity.client_id or token.client_id, identity.meta.key, identity)
         if isinstance(decision, UseNodeIdentity):
             sel = query.selector
             token = self.tokens.cached_node(
@@ -139,7 +144,14 @@ class TokenRoute:
         self.books.hit(
             request, pod, served.identity, admitted.resource, time.perf_counter() - started
         )
+        if served.granted is not None and served.granted.shadow:
+            self.note_shadow(served, pod, admitted.resource)
         return data
+
+    def note_shadow(self, served: Served, pod: Pod, resource: str) -> None:
+        """An identity on trial for federation was served: a background trial may be due."""
+        if self.shadow is not None and served.granted is not None:
+            self.shadow.consider(served.granted, pod, resource, served.token)
 
     # -- the full path --------------------------------------------------------------
 
@@ -157,6 +169,8 @@ class TokenRoute:
         served = await self.obtain(pod, admitted, access)
         if isinstance(served, Reply):
             return served
+        if served.granted is not None and served.granted.shadow:
+            self.note_shadow(served, pod, admitted.resource)
         return replies.json_bytes(200, self.render(served, admitted.resource))
 
     def render(self, served: Served, resource: str) -> bytes:
@@ -188,9 +202,7 @@ class TokenRoute:
         try:
             if isinstance(decision, Grant | UseNodeIdentity):
                 with contextlib.suppress(UpstreamNotAllowed):
-                    joined = await self._token_for(
-                        decision, query, access, requester=requester, upstream=False
-                    )
+                    joined = await self._token_for(decision, query, access, pod=pod, upstream=False)
                     if joined is not None:
                         return joined
             if self.pod_limits is not None and (
@@ -210,10 +222,8 @@ class TokenRoute:
                 and await self._learn_object_ids(pod, query.resource)
             ):
                 decision = self.resolver.decide_now(pod, selector)
-            served = await self._token_for(
-                decision, query, access, requester=requester, upstream=True
-            )
-        except (UpstreamError, CredentialError, SecretUnavailable) as exc:
+            served = await self._token_for(decision, query, access, pod=pod, upstream=True)
+        except (UpstreamError, CredentialError, SecretUnavailable, TokenRequestError) as exc:
             failure = failures.from_exception(exc, decision, query.resource)
             assert failure is not None
             return self._failed(pod, failure, access)
@@ -239,19 +249,20 @@ class TokenRoute:
         query: TokenQuery,
         access: Access,
         *,
-        requester: str,
+        pod: Pod,
         upstream: bool,
     ) -> Served | None:
         """The token a granting decision leads to (None for other decisions)."""
+        requester = pod.meta.uid_or_key
         if isinstance(decision, Grant):
             identity = decision.identity
             access.identity = identity.meta.key
             token, hit = await self.tokens.for_identity(
-                identity, query.resource, requester=requester, upstream=upstream
+                identity, query.resource, requester=requester, upstream=upstream, pod=pod
             )
             access.cache = "hit" if hit else "miss"
             access.upstream_request_id = "" if hit else token.request_id
-            return Served(token, identity.client_id or token.client_id, identity.meta.key)
+            return Served(token, identity.client_id or token.client_id, identity.meta.key, identity)
         if isinstance(decision, UseNodeIdentity):
             sel = query.selector
             access.identity = f"node (exception {decision.exception})"
@@ -282,8 +293,10 @@ class TokenRoute:
             if self.tokens.object_id_of(identity) is not None:
                 continue
             try:
-                await self.tokens.for_identity(identity, resource, requester=pod.meta.uid_or_key)
-            except (UpstreamError, CredentialError, SecretUnavailable):
+                await self.tokens.for_identity(
+                    identity, resource, requester=pod.meta.uid_or_key, pod=pod
+                )
+            except (UpstreamError, CredentialError, SecretUnavailable, TokenRequestError):
                 continue
             learned = learned or self.tokens.object_id_of(identity) is not None
         return learned

@@ -30,6 +30,9 @@ class ClusterIndex:
     def __init__(self, *, node_name: str) -> None:
         self.node_name = node_name
         self.changed = ChangeSignal()
+        # Called (synchronously, from the watch handler) when a pod stops being a caller:
+        # deleted, ended, or replaced by a new pod of the same name.
+        self.pod_gone: list[Callable[[Pod], None]] = []
         self._pods_by_ip: dict[str, dict[str, Pod]] = defaultdict(dict)
         self._pods: dict[str, Pod] = {}
         self._assigned_by_pod: dict[tuple[str, str], dict[str, AzureAssignedIdentity]] = (
@@ -117,6 +120,13 @@ class ClusterIndex:
             self._pods[key] = new
             for ip in new.ips:
                 self._pods_by_ip[ip][key] = new
+        if (
+            old is not None
+            and old.can_call
+            and (new is None or kind == DELETED or new.meta.uid != old.meta.uid or not new.can_call)
+        ):
+            for listener in self.pod_gone:
+                listener(old)
         self.changed.fire()
 
     def on_assigned(

@@ -27,6 +27,12 @@ BINDING_LABEL = "aadpodidbinding"
 # waits on, and the last error ARM gave for it (shown by ``nmi explain``).
 MIC_STEP_ANNOTATION = "aadpodidentity.k8s.io/mic-step"
 MIC_ERROR_ANNOTATION = "aadpodidentity.k8s.io/mic-error"
+# Federation (spec.type 3, and the "shadow" trial of types 0-2): the audience of the
+# service-account token presented to Azure AD, the trial switch and its application.
+FEDERATED_AUDIENCE_ANNOTATION = "aadpodidentity.k8s.io/federated-token-audience"
+FEDERATION_ANNOTATION = "aadpodidentity.k8s.io/federation"
+FEDERATION_SHADOW = "shadow"
+FEDERATION_CLIENT_ID_ANNOTATION = "aadpodidentity.k8s.io/federation-client-id"
 
 GROUP = "aadpodidentity.k8s.io"
 VERSION = "v1"
@@ -38,7 +44,8 @@ class IdentityType:
     USER_ASSIGNED_MSI = 0
     SERVICE_PRINCIPAL = 1
     SERVICE_PRINCIPAL_CERTIFICATE = 2
-    ALL = (0, 1, 2)
+    FEDERATED = 3  # the calling pod's own service-account token, exchanged with Azure AD
+    ALL = (0, 1, 2, 3)
 
 
 class AssignedState:
@@ -151,6 +158,7 @@ class Pod:
     created: float = 0.0  # metadata.creationTimestamp, seconds since the epoch (0: unknown)
     ended: bool = False  # every container has terminated (the sandbox, and its IP, may be gone)
     ready: bool = False  # condition Ready is True
+    service_account: str = "default"  # spec.serviceAccountName
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Pod:
@@ -181,6 +189,9 @@ class Pod:
             created=_timestamp((raw.get("metadata") or {}).get("creationTimestamp")),
             ended=ended,
             ready=ready,
+            service_account=sys.intern(
+                _str(spec.get("serviceAccountName") or spec.get("serviceAccount")) or "default"
+            ),
         )
 
     @property
@@ -223,6 +234,12 @@ class AzureIdentity:
     ad_endpoint: str
     secret_ref: SecretRef | None
     auxiliary_tenant_ids: tuple[str, ...] = ()
+    # Annotation aadpodidentity.k8s.io/federated-token-audience ("": the daemon's flag).
+    federated_audience: str = ""
+    # Annotation aadpodidentity.k8s.io/federation: shadow (types 0-2 only), and the
+    # application to try (aadpodidentity.k8s.io/federation-client-id, else spec.clientID).
+    shadow: bool = False
+    federation_client_id: str = ""
     # A digest of everything that produces this identity's credential.  Changes of
     # unrelated metadata (labels, status, resourceVersion) keep it, so cached tokens
     # survive them; a changed client id, tenant, endpoint or secret reference does not.
@@ -246,8 +263,10 @@ class AzureIdentity:
             if name:
                 ref = SecretRef(name=name, namespace=_str(field_ci(ref_raw, "namespace")))
         aux = field_ci(spec, "auxiliaryTenantIDs") or ()
+        meta = Meta.parse(raw.get("metadata"))
+        notes = {k.lower(): v.strip() for k, v in meta.annotations.items()}
         return cls(
-            meta=Meta.parse(raw.get("metadata")),
+            meta=meta,
             type=id_type,
             client_id=_str(field_ci(spec, "clientID")),
             resource_id=_str(field_ci(spec, "resourceID")),
@@ -255,6 +274,10 @@ class AzureIdentity:
             ad_endpoint=_str(field_ci(spec, "adEndpoint")),
             secret_ref=ref,
             auxiliary_tenant_ids=tuple(_str(t) for t in aux if t) if isinstance(aux, list) else (),
+            federated_audience=notes.get(FEDERATED_AUDIENCE_ANNOTATION, ""),
+            shadow=id_type in (0, 1, 2)
+            and notes.get(FEDERATION_ANNOTATION, "").lower() == FEDERATION_SHADOW,
+            federation_client_id=notes.get(FEDERATION_CLIENT_ID_ANNOTATION, ""),
         )
 
     @property
@@ -275,6 +298,7 @@ class AzureIdentity:
             self.tenant_id.lower(),
             self.ad_endpoint.lower(),
             f"{ref.namespace}/{ref.name}" if ref else "",
+            self.federated_audience,
         ]
         digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
         object.__setattr__(self, "fingerprint", digest)

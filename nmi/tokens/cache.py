@@ -72,12 +72,15 @@ class CacheKey:
     ``identity.decide.NODE_IDENTITY``; ``credential`` names everything that
     produced the credential (the identity's spec fingerprint and its Secret's
     version, or the identity selector sent to the node IMDS); ``resource`` is as
-    requested.  A changed spec or a rotated Secret is another key.
+    requested; ``subject`` is the service account whose token obtained a federated
+    identity's token, so it is never served to a pod of another service account.
+    A changed spec or a rotated Secret is another key.
     """
 
     owner: str
     credential: str
     resource: str
+    subject: str = ""  # federated identities: the service account (namespace/name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +337,7 @@ class TokenCache:
             + len(key.owner)
             + len(key.credential)
             + len(key.resource)
+            + len(key.subject)
             + ENTRY_OVERHEAD,
             last_used=previous.last_used if previous is not None else now,
         )
@@ -363,6 +367,13 @@ class TokenCache:
             mine.pop(key, None)
             if not mine:
                 del self._by_requester[entry.requester]
+
+    def drop_where(self, predicate: Callable[[CacheKey], bool]) -> int:
+        """Drop the entries whose key matches (a service account's last pod is gone)."""
+        doomed = [key for key in self._entries if predicate(key)]
+        for key in doomed:
+            self._drop(key)
+        return len(doomed)
 
     def sweep(self, *, idle: float = 86400.0) -> int:
         """Drop expired entries and those nobody asked for in ``idle`` seconds."""

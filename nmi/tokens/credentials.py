@@ -6,6 +6,8 @@ Secrets are read as aad-pod-identity's users wrote them:
   named ``clientsecret`` (any case) when there are several.  aad-pod-identity
   took "the first key" of a Go map, which is random; with several keys and
   none named ``clientsecret`` nmi refuses rather than guess.
+* type 3 (federated): no Secret at all; the credential is the calling pod's own
+  service-account token (:class:`ClientAssertion`, see ``tokens/assertions.py``).
 * type 2 (service principal, certificate): key ``certificate`` holding PKCS#12
   (with the optional key ``password``) or PEM (certificate and private key in
   one value, or the key under ``key``/``privatekey``/``tls.key``); a standard
@@ -23,6 +25,7 @@ run ``client_certificate_from`` in a thread.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -69,10 +72,26 @@ class ClientCertificate:
         }
 
 
-Credential = ClientSecret | ClientCertificate
+@dataclass(frozen=True, slots=True)
+class ClientAssertion:
+    """A federated identity's credential: the caller's service-account token.
+
+    MSAL asks its ``client_assertion`` callable for the assertion whenever it sends
+    a request; the callable reads the one the upstream call presents (set on the
+    calling thread by :meth:`~nmi.tokens.upstream.Upstream.from_aad`), so one MSAL
+    application serves every call of one service account, each with its own token.
+    """
+
+    provide: Callable[[], str] = field(repr=False)
+
+    def for_msal(self) -> dict[str, Callable[[], str]]:
+        return {"client_assertion": self.provide}
 
 
-def authority_for(identity: AzureIdentity, settings: Settings) -> Authority:
+Credential = ClientSecret | ClientCertificate | ClientAssertion
+
+
+def authority_for(identity: AzureIdentity, settings: Settings, *, tenant_id: str = "") -> Authority:
     endpoint = identity.ad_endpoint.strip() or DEFAULT_AUTHORITY
     parts = urlsplit(endpoint)
     if parts.scheme.lower() != "https" or not parts.hostname:
@@ -83,7 +102,7 @@ def authority_for(identity: AzureIdentity, settings: Settings) -> Authority:
             f"adEndpoint host {host!r} is not a known Azure cloud login host "
             "nor listed in --allowed-authority-hosts"
         )
-    tenant = identity.tenant_id.strip()
+    tenant = (tenant_id or identity.tenant_id).strip()
     if not tenant or not _TENANT.match(tenant):
         raise CredentialError("spec.tenantID is missing or not a tenant id or domain")
     bare = parts.hostname.lower()

@@ -64,3 +64,6 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.source = source
+        # Federated identities: what Azure AD was shown (issuer, subject, audience of the
+        # service-account token), for the pod's Event; never the token itself.
+        self.shown = ""

@@ -2,8 +2,10 @@
 
 This is where an AzureIdentity becomes a token.  The cache key is computed
 from memory only (identity UID + spec fingerprint + Secret resourceVersion +
-resource), so a cache hit costs no I/O; the Secret is parsed and the
-authority validated only on a miss, inside the single upstream flight.
+resource, and for a federated identity the calling pod's service account), so
+a cache hit costs no I/O; the Secret is parsed (or, for a federated identity,
+the pod's service-account token obtained) and the authority validated only on
+a miss, inside the single upstream flight.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from ..config import Settings
 from ..identity.decide import NODE_IDENTITY
-from ..kube.objects import AzureIdentity, IdentityType, Secret
+from ..kube.objects import AzureIdentity, IdentityType, Pod, Secret
 from ..kube.secrets import SecretStore
+from ..kube.token_request import ServiceAccountToken
 from ..ops.metrics import Metrics
+from .assertions import AssertionCache
 from .cache import CacheKey, TokenCache
 from .credentials import (
     CredentialError,
@@ -27,7 +31,11 @@ from .credentials import (
 )
 from .lanes import Ticket
 from .model import Token, UpstreamError
-from .upstream import Upstream
+from .upstream import FEDERATED, Upstream
+
+# A live pod of (namespace, service account), preferring the given one: who presents
+# its token when a federated identity's token is renewed in the background.
+PodOfServiceAccount = Callable[[str, str, Pod], Pod | None]
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +49,16 @@ class TokenService:
         upstream: Upstream,
         cache: TokenCache,
         metrics: Metrics | None = None,
+        assertions: AssertionCache | None = None,
+        pod_of_service_account: PodOfServiceAccount | None = None,
     ) -> None:
         self.metrics = metrics
         self.settings = settings
         self.secrets = secrets
         self.upstream = upstream
         self.cache = cache
+        self.assertions = assertions
+        self._pod_of = pod_of_service_account
         self._object_ids: dict[str, str] = {}
 
     def object_id_of(self, identity: AzureIdentity) -> str | None:
@@ -57,8 +69,20 @@ class TokenService:
         if oid:
             self._object_ids[f"{identity.meta.uid_or_key}:{identity.fingerprint}"] = oid
 
-    async def cache_key(self, identity: AzureIdentity, resource: str) -> CacheKey:
+    def audience_of(self, identity: AzureIdentity) -> str:
+        """The audience of the service-account token a federated exchange presents."""
+        return identity.federated_audience or self.settings.federated_token_audience
+
+    async def cache_key(
+        self, identity: AzureIdentity, resource: str, pod: Pod | None = None
+    ) -> CacheKey:
         """The key of this identity's token for ``resource`` (reads the Secret on a first use)."""
+        if identity.type == IdentityType.FEDERATED:
+            if pod is None:
+                raise CredentialError(
+                    f"identity {identity.meta.key} is federated: only a pod's request can use it"
+                )
+            return _federated_key(identity, resource, pod)
         if identity.type in (
             IdentityType.SERVICE_PRINCIPAL,
             IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
@@ -75,13 +99,15 @@ class TokenService:
             return _key(identity, resource, None)
         raise CredentialError(f"identity {identity.meta.key} has an unsupported spec.type")
 
-    def cached(self, identity: AzureIdentity, resource: str) -> Token | None:
+    def cached(self, identity: AzureIdentity, resource: str, pod: Pod) -> Token | None:
         """The cached token if there is a servable one — no I/O, no waiting, no coroutine.
 
         None sends the caller to the full path (:meth:`for_identity`), which also
         reports misconfigurations.
         """
         secret: Secret | None = None
+        if identity.type == IdentityType.FEDERATED:
+            return self.cache.hit(_federated_key(identity, resource, pod))
         if identity.type in (
             IdentityType.SERVICE_PRINCIPAL,
             IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
@@ -137,19 +163,77 @@ class TokenService:
         *,
         requester: str = "",
         upstream: bool = True,
+        pod: Pod | None = None,
     ) -> tuple[Token, bool]:
         """The identity's token for ``resource``: cached, or one upstream call queued
-        as ``requester``'s (the pod) and shared by every request that joins it."""
-        key = await self.cache_key(identity, resource)
+        as ``requester``'s (the pod) and shared by every request that joins it.
+        ``pod`` is the caller (required for a federated identity)."""
+        key = await self.cache_key(identity, resource, pod)
 
         async def fetch(ticket: Ticket) -> Token:
-            token = await self._timed(str(identity.type), self._fetch(identity, resource, ticket))
+            token = await self._timed(
+                str(identity.type), self._fetch(identity, resource, ticket, pod)
+            )
             self._learn(identity, token)
             return token
 
         return await self.cache.get(key, fetch, requester=requester, upstream=upstream)
 
-    async def _fetch(self, identity: AzureIdentity, resource: str, ticket: Ticket) -> Token:
+    async def federated(
+        self,
+        identity: AzureIdentity,
+        resource: str,
+        ticket: Ticket,
+        pod: Pod,
+        *,
+        client_id: str = "",
+        tenant_id: str = "",
+    ) -> tuple[Token, ServiceAccountToken]:
+        """Exchange the pod's service-account token with Azure AD (no cache): the token
+        of a federated identity, or of the shadow trial of another kind
+        (``client_id``/``tenant_id`` then name the federated application)."""
+        if self.assertions is None:
+            raise CredentialError("federated identities need the Kubernetes TokenRequest API")
+        client_id = client_id or identity.client_id
+        if not client_id:
+            raise CredentialError(f"identity {identity.meta.key} has no spec.clientID")
+        authority = authority_for(identity, self.settings, tenant_id=tenant_id)
+        presenter = (
+            self._pod_of(pod.meta.namespace, pod.service_account, pod) if self._pod_of else pod
+        )
+        if presenter is None:
+            raise CredentialError(
+                f"no pod of service account {pod.meta.namespace}/{pod.service_account} is "
+                "left on this node to present its token"
+            )
+        audience = self.audience_of(identity)
+        assertion = await self.assertions.get(presenter, audience)
+        try:
+            token = await self.upstream.from_aad(
+                ticket=ticket,
+                client_id=client_id,
+                authority=authority,
+                credential=FEDERATED,
+                credential_key=f"sa:{presenter.meta.namespace}/{presenter.service_account}"
+                f":{audience}",
+                resource=resource,
+                assertion=assertion.token,
+            )
+        except UpstreamError as exc:
+            exc.shown = (
+                f"issuer {assertion.issuer!r}, subject {assertion.subject!r}, "
+                f"audience {assertion.audience!r}"
+            )
+            raise
+        return token, assertion
+
+    async def _fetch(
+        self, identity: AzureIdentity, resource: str, ticket: Ticket, pod: Pod | None
+    ) -> Token:
+        if identity.type == IdentityType.FEDERATED:
+            assert pod is not None  # cache_key refused federated identities without a pod
+            token, _ = await self.federated(identity, resource, ticket, pod)
+            return token
         if identity.type == IdentityType.USER_ASSIGNED_MSI:
             if identity.client_id:
                 return await self.upstream.from_imds(
@@ -237,6 +321,17 @@ def _key(identity: AzureIdentity, resource: str, secret: Secret | None) -> Cache
     if secret is not None:
         credential += f":{secret.meta.uid}:{secret.meta.resource_version}"
     return CacheKey(identity.meta.uid_or_key, credential, resource)
+
+
+def _federated_key(identity: AzureIdentity, resource: str, pod: Pod) -> CacheKey:
+    """identity UID + spec fingerprint (audience included) + the pod's service account +
+    resource: a token obtained with one service account's token is never another's."""
+    return CacheKey(
+        identity.meta.uid_or_key,
+        identity.fingerprint,
+        resource,
+        f"{pod.meta.namespace}/{pod.service_account}",
+    )
 
 
 def node_selector_key(client_id: str, object_id: str, resource_id: str) -> str:

@@ -13,7 +13,9 @@ requests for one key share one call.  Two sources:
   daemon's own environment can never redirect it.  nmi's own packets leave
   the node through OUTPUT and are not intercepted by its PREROUTING rules.
 * Azure AD through ``msal.ConfidentialClientApplication`` for service
-  principals with a secret (type 1) or a certificate (type 2).  One
+  principals with a secret (type 1) or a certificate (type 2), and for
+  federated identities (type 3), whose client assertion is the calling pod's
+  service-account token (given per call: :data:`ASSERTION`).  One
   application object is kept per credential (so OIDC discovery happens once),
   and its MSAL cache is cleared before each call: nmi's cache decides when a
   new token is needed, and MSAL must then really fetch one.
@@ -40,7 +42,7 @@ from cachetools import LRUCache
 
 from ..config import Settings
 from ..ratelimit import Pacer
-from .credentials import Authority, Credential
+from .credentials import Authority, ClientAssertion, Credential
 from .lanes import Lane, Ticket
 from .model import Token, UpstreamError
 
@@ -68,6 +70,25 @@ class _Recording(threading.local):
 
 
 LAST = _Recording()
+
+
+class _Assertion(threading.local):
+    """The client assertion of the call running on this thread (federated identities)."""
+
+    value: str = ""
+
+
+ASSERTION = _Assertion()
+
+
+def current_assertion() -> str:
+    """MSAL's ``client_assertion`` callable: the assertion of this thread's call."""
+    if not ASSERTION.value:
+        raise RuntimeError("no client assertion set for this call")
+    return ASSERTION.value
+
+
+FEDERATED = ClientAssertion(current_assertion)
 
 
 class UpstreamSession(requests.Session):
@@ -274,12 +295,17 @@ class Upstream:
         credential: Credential,
         credential_key: str,
         resource: str,
+        assertion: str = "",
     ) -> Token:
-        """A client-credentials token for a service principal."""
+        """A client-credentials token for a service principal, or for a federated
+        identity (``credential`` :data:`FEDERATED` and the pod's ``assertion``;
+        ``credential_key`` then names the service account, so that each has its
+        own MSAL application and cache)."""
         scope = f"{resource}/.default"
 
         def call() -> Token:
             LAST.reset()
+            ASSERTION.value = assertion
             started = time.time()
             try:
                 app = self._app(client_id, authority, credential, credential_key)
@@ -308,7 +334,14 @@ class Upstream:
                     retry_after=5,
                     source="aad",
                 ) from None
+            finally:
+                ASSERTION.value = ""
             if not result or "access_token" not in result:
+                # Drop the app: MSAL replays a refused request's answer from its own HTTP
+                # cache for a while, and the fix (a federated credential just created, a
+                # secret just corrected in Azure AD) must be seen on the next request.
+                with self._apps_lock:
+                    self._apps.pop((client_id, authority.url, credential_key), None)
                 raise classify(result or {}, source="aad")
             return _token_from(
                 result, client_id=client_id, started=started, request_id=LAST.request_id

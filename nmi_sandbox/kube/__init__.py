@@ -23,6 +23,11 @@ What is emulated, as the real kube-apiserver does it:
   strategic merge treated as JSON merge for built-in types, RFC 6902 JSON
   patch), DELETE (finalizers and ``deletionTimestamp``), DELETE collection, the
   ``status`` subresource and ``pods/binding``;
+* service-account tokens: the ``serviceaccounts/token`` subresource
+  (TokenRequest: RS256 JWTs with kube's claims, bound to a pod, a secret or a
+  node, with its validation and refusals) and service-account issuer discovery
+  (``/.well-known/openid-configuration``, ``/openid/v1/jwks``, served without
+  authentication); every namespace gets its ``default`` ServiceAccount;
 * errors are ``Status`` objects with the real reasons and messages;
 * admission and registry behaviour clients can observe: objects cannot be
   created in a missing or terminating namespace, pod status is reset to
@@ -47,6 +52,7 @@ The modules, each with one job (none imports a later one):
 * :mod:`.admission` -- per-kind defaulting and validation;
 * :mod:`.store` -- revisions, history, snapshots, continue tokens, watchers;
 * :mod:`.registry` -- the write verbs: preconditions, finalizers, namespaces, binding;
+* :mod:`.tokens` -- TokenRequest, the signing key, issuer discovery documents;
 * :mod:`.handlers` -- HTTP: authentication, routing, verbs, watch streams;
 * :mod:`.server` -- :class:`KubeApiServer`: serving, kubeconfig, direct access, faults.
 """

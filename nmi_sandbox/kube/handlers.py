@@ -48,6 +48,7 @@ from .resources import (
 )
 from .selectors import Filter, name_selector
 from .store import TOO_LARGE_RV_WAIT, Store, parse_rv
+from .tokens import DISCOVERY_PATH, JWKS_PATH, ServiceAccountTokens
 
 __all__ = ["ApiHandler", "Endpoint"]
 
@@ -85,11 +86,11 @@ def _parse_int(value: str | None, name: str) -> int | None:
         raise bad_request(f"invalid {name}: {value!r}") from None
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def _json(body: Any, status: int = 200, *, content_type: str = "application/json") -> web.Response:
     return web.Response(
         body=json.dumps(body, separators=(",", ":")).encode(),
         status=status,
-        content_type="application/json",
+        content_type=content_type,
     )
 
 
@@ -141,18 +142,29 @@ def _bookmark(res: Resource, rv: int, *, initial_end: bool = False) -> JSON:
 class ApiHandler:
     """The aiohttp handler of every path (``/{tail:.*}``) of one server."""
 
-    def __init__(self, endpoint: Endpoint, store: Store, registry: Registry) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        store: Store,
+        registry: Registry,
+        tokens: ServiceAccountTokens,
+    ) -> None:
         self._endpoint = endpoint
         self._store = store
         self._registry = registry
+        self._tokens = tokens
 
     def _count(self, key: str) -> None:
         self._endpoint.requests[key] += 1
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse
         try:
-            self._authenticate(request)
-            response = await self._route(request)
+            if request.method == "GET" and request.path in (DISCOVERY_PATH, JWKS_PATH):
+                response = self._issuer_discovery(request.path)
+            else:
+                self._authenticate(request)
+                response = await self._route(request)
         except KubeApiError as e:
             logger.debug("%s %s -> %d %s", request.method, request.path_qs, e.code, e)
             return _json(e.status, e.code)
@@ -173,6 +185,16 @@ class ApiHandler:
         ):
             logger.debug("unauthorized %s %s", request.method, request.path_qs)
             raise unauthorized()
+
+    def _issuer_discovery(self, path: str) -> web.Response:
+        """The two documents of service-account issuer discovery (no authentication)."""
+        self._count(f"GET {path}")
+        if path == DISCOVERY_PATH:
+            response = _json(self._tokens.openid_configuration())
+        else:
+            response = _json(self._tokens.jwks(), content_type="application/jwk-set+json")
+        response.headers["Cache-Control"] = "public, max-age=3600"
+        return response
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -285,6 +307,13 @@ class ApiHandler:
                 raise method_not_allowed()
             self._count(f"WATCH {counted}")
             return await self._watch(request, res, namespace, single=name)
+        if sub == "token":
+            if method != "POST":
+                raise method_not_allowed()
+            self._count(f"POST {counted}")
+            assert namespace is not None
+            body = await _read_body(request)
+            return _json(self._tokens.create(namespace, name, body), 201)
         if sub == "binding":
             if method != "POST":
                 raise method_not_allowed()

@@ -6,7 +6,8 @@ the kind:
 
 * create: the namespace must exist and not be terminating, ``generateName``,
   server-owned metadata (uid, creationTimestamp...) set and never taken from the
-  body, AlreadyExists;
+  body, AlreadyExists; a new namespace gets its ``default`` ServiceAccount right
+  away (the ServiceAccount controller's job, done synchronously here);
 * update (PUT, PATCH, the ``status`` subresource): optimistic concurrency on
   ``metadata.resourceVersion`` (409 Conflict when stale; custom resources refuse
   an update without one), UID preconditions, status kept apart from the main
@@ -111,7 +112,16 @@ class Registry:
             raise res.already_exists(name)
         if dry_run:
             return obj
-        return self.store.commit(res.storage, "ADDED", obj, None)
+        created = self.store.commit(res.storage, "ADDED", obj, None)
+        if res.storage == "namespaces":
+            self._ensure_default_service_account(name)
+        return created
+
+    def _ensure_default_service_account(self, namespace: str) -> None:
+        """The ServiceAccount controller: every namespace has a ``default`` service account."""
+        if self.store.get("serviceaccounts", namespace, "default") is None:
+            sa_res = BY_STORAGE["serviceaccounts"]
+            self.create(sa_res, namespace, {"metadata": {"name": "default"}})
 
     # ----------------------------------------------------------------- update
 

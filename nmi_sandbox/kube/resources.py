@@ -9,7 +9,8 @@ per served resource answers them, and the discovery documents (``/api``,
 resource is served exactly when it is advertised.
 
 Served: namespaces, nodes, pods (with ``status`` and ``binding``), secrets,
-configmaps (the controller's ledger), serviceaccounts, core ``v1`` events
+configmaps (the controller's ledger), serviceaccounts (with ``token``, the
+``authentication.k8s.io/v1`` TokenRequest), core ``v1`` events
 and their ``events.k8s.io/v1`` view (two views of one storage),
 ``coordination.k8s.io/v1`` leases, and the four
 ``aadpodidentity.k8s.io/v1`` custom resources of aad-pod-identity.
@@ -51,6 +52,12 @@ KUBE_VERSION = {
     "goVersion": "go1.22.2",
     "compiler": "gc",
     "platform": "linux/amd64",
+}
+
+# subresources that are another kind, created with POST: (group, version, kind)
+_CREATE_SUBRESOURCES = {
+    "binding": ("", "", "Binding"),
+    "token": ("authentication.k8s.io", "v1", "TokenRequest"),
 }
 
 _MAIN_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -349,6 +356,7 @@ RESOURCES: tuple[Resource, ...] = (
         kind="ServiceAccount",
         namespaced=True,
         storage="serviceaccounts",
+        subresources=("token",),
         short_names=("sa",),
         fields=_fields(True),
     ),
@@ -420,7 +428,17 @@ def resource_for_kind(api_version: str, kind: str) -> Resource:
 
 def root_paths() -> JSON:
     """``GET /``."""
-    paths = ["/api", "/api/v1", "/apis", "/healthz", "/livez", "/readyz", "/version"]
+    paths = [
+        "/.well-known/openid-configuration",
+        "/api",
+        "/api/v1",
+        "/apis",
+        "/healthz",
+        "/livez",
+        "/openid/v1/jwks",
+        "/readyz",
+        "/version",
+    ]
     for group, versions in GROUPS.items():
         paths.append(f"/apis/{group}")
         paths += [f"/apis/{group}/{v}" for v in versions]
@@ -472,15 +490,21 @@ def resource_list(group: str, version: str) -> JSON:
             entry["categories"] = []
         resources.append(entry)
         for sub in res.subresources:
-            resources.append(
-                {
-                    "name": f"{res.plural}/{sub}",
-                    "singularName": "",
-                    "namespaced": res.namespaced,
-                    "kind": "Binding" if sub == "binding" else res.kind,
-                    "verbs": ["create"] if sub == "binding" else ["get", "patch", "update"],
-                }
-            )
+            sub_entry: JSON = {
+                "name": f"{res.plural}/{sub}",
+                "singularName": "",
+                "namespaced": res.namespaced,
+            }
+            if sub in _CREATE_SUBRESOURCES:
+                sub_group, sub_version, sub_kind = _CREATE_SUBRESOURCES[sub]
+                if sub_group:
+                    sub_entry["group"], sub_entry["version"] = sub_group, sub_version
+                sub_entry["kind"] = sub_kind
+                sub_entry["verbs"] = ["create"]
+            else:
+                sub_entry["kind"] = res.kind
+                sub_entry["verbs"] = ["get", "patch", "update"]
+            resources.append(sub_entry)
     if not group:
         resources.append(
             {

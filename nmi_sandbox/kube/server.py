@@ -6,9 +6,12 @@ over HTTPS on loopback with a certificate from the sandbox CA -- and gives its u
 what a real cluster would not: a kubeconfig for it (``certificate-authority-data``
 and a bearer token), direct store access that behaves like the HTTP verbs and emits
 the same watch events (:meth:`KubeApiServer.create`, :meth:`~KubeApiServer.patch`...),
-and fault injection (:meth:`~KubeApiServer.compact`,
+fault injection (:meth:`~KubeApiServer.compact`,
 :meth:`~KubeApiServer.drop_watches`, :meth:`~KubeApiServer.restart` on the same port
-with its state kept).
+with its state -- and its service-account signing key -- kept), and service-account
+tokens minted directly (:meth:`~KubeApiServer.issue_service_account_token`, at any
+``now``) with a record of every token issued (:attr:`~KubeApiServer.token_requests`,
+:attr:`~KubeApiServer.issued_tokens`).
 
 Everything runs on the event loop that called :meth:`~KubeApiServer.start`; the
 synchronous store methods must be called from that loop's thread.
@@ -21,12 +24,14 @@ import base64
 import builtins
 import collections
 import copy
+import datetime
 import errno
 import ipaddress
 import logging
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -41,6 +46,7 @@ from .registry import Registry
 from .resources import Resource, resource_for_kind
 from .selectors import Filter
 from .store import Store
+from .tokens import DEFAULT_MAX_TOKEN_EXPIRATION, ServiceAccountTokens, openid_configuration
 
 __all__ = ["KubeApiServer"]
 
@@ -71,12 +77,21 @@ class KubeApiServer:
         ca: CertificateAuthority | None = None,
         bookmark_interval: float = 1.0,
         history_limit: int = 10000,
+        service_account_issuer: str | None = None,
+        max_token_expiration: int = DEFAULT_MAX_TOKEN_EXPIRATION,
+        issued_tokens_limit: int = 10000,
     ) -> None:
         self.host = host
         self.port = port
         self.token: str = token if token is not None else secrets.token_urlsafe(32)
         self.bookmark_interval = bookmark_interval
         self.requests: collections.Counter[str] = collections.Counter()
+        # successful token issues by (namespace, serviceaccount, pod name or "")
+        self.token_requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        # the claims of the last ``issued_tokens_limit`` tokens issued, oldest first
+        self.issued_tokens: builtins.list[JSON] = []
+        self.issued_tokens_limit = issued_tokens_limit
+        self._service_account_issuer = service_account_issuer
 
         ips = ["127.0.0.1", "::1"]
         try:
@@ -93,7 +108,13 @@ class KubeApiServer:
 
         self._store = Store(history_limit)
         self._registry = Registry(self._store)
-        self._handler = ApiHandler(self, self._store, self._registry)
+        self._tokens = ServiceAccountTokens(
+            self._store,
+            lambda: self.issuer,
+            max_expiration=max_token_expiration,
+            on_issue=self._record_token,
+        )
+        self._handler = ApiHandler(self, self._store, self._registry, self._tokens)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -300,6 +321,83 @@ class KubeApiServer:
     def resource_version(self) -> str:
         """The current global resourceVersion."""
         return str(self._store.rv)
+
+    # ----------------------------------------------------------------- service-account tokens
+
+    @property
+    def issuer(self) -> str:
+        """The service-account issuer (``iss``): the constructor's, else :attr:`url`.
+
+        The default is only meaningful after :meth:`start` (the port is known then).
+        """
+        return self._service_account_issuer or self.url
+
+    @property
+    def max_token_expiration(self) -> int:
+        """Longest token lifetime in seconds; longer TokenRequests are shortened to it."""
+        return self._tokens.max_expiration
+
+    @max_token_expiration.setter
+    def max_token_expiration(self, value: int) -> None:
+        self._tokens.max_expiration = value
+
+    @property
+    def signing_key_id(self) -> str:
+        """The ``kid`` of the service-account signing key (kept across :meth:`restart`)."""
+        return self._tokens.key.kid
+
+    def openid_configuration(self) -> JSON:
+        """What ``GET /.well-known/openid-configuration`` serves."""
+        return openid_configuration(self.issuer)
+
+    def jwks(self) -> JSON:
+        """What ``GET /openid/v1/jwks`` serves: the signing key as a JWK Set."""
+        return self._tokens.jwks()
+
+    @property
+    def token_clock_offset(self) -> float:
+        """Seconds the tokens issued over HTTP are dated ahead (negative: behind)."""
+        return self._tokens.clock_offset
+
+    @token_clock_offset.setter
+    def token_clock_offset(self, value: float) -> None:
+        self._tokens.clock_offset = value
+
+    def issue_service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        audiences: Sequence[str],
+        expiration_seconds: int = 3600,
+        pod: str | None = None,
+        now: datetime.datetime | float | None = None,
+    ) -> str:
+        """Sign a token for service account ``namespace/name`` as a TokenRequest does.
+
+        ``pod`` binds it to that pod (which must exist and run as ``name``); empty
+        ``audiences`` mean the server's own (``[issuer]``); ``expiration_seconds``
+        is capped at :attr:`max_token_expiration` but, unlike over HTTP, may be under
+        10 minutes; ``now`` (a datetime or a Unix time) is when it is issued, so an
+        already-expired or a not-yet-valid token can be minted.  Raises
+        :class:`~.errors.KubeApiError` as the TokenRequest would (404 for a missing
+        service account or pod, 400 for a pod running as another service account).
+        """
+        return self._tokens.issue(
+            namespace,
+            name,
+            audiences=audiences,
+            expiration_seconds=expiration_seconds,
+            pod=pod,
+            now=now,
+        ).token
+
+    def _record_token(self, namespace: str, name: str, pod: str, claims: JSON) -> None:
+        self.token_requests[(namespace, name, pod)] += 1
+        self.issued_tokens.append(claims)
+        excess = len(self.issued_tokens) - max(self.issued_tokens_limit, 0)
+        if excess > 0:
+            del self.issued_tokens[:excess]
 
     # ----------------------------------------------------------------- fault injection
 

@@ -789,6 +789,17 @@ ACCEPTED: dict[str, Obj] = {
     "identity-quoted-type-1": _identity(type="1"),
     "identity-quoted-type-2": _identity(type="2"),
     "identity-no-type": _drop(_identity(), "spec.type"),
+    "identity-federated": _drop(_identity(type=3, tenantID=SUB), "spec.resourceID"),
+    "identity-federated-quoted": _identity(type="3", tenantID=SUB),
+    "identity-federated-legacy-keys": _drop(
+        _drop(_identity(type=3, ClientID=SUB, TenantID=SUB), "spec.clientID"), "spec.resourceID"
+    ),
+    "identity-shadow-annotation": _set(
+        _identity(), "metadata.annotations", {"aadpodidentity.k8s.io/federation": "shadow"}
+    ),
+    "identity-sp-without-tenant-unchanged": _identity(
+        type=1, clientPassword={"name": "s", "namespace": "default"}
+    ),
     "identity-null-auxiliary-tenants-and-replicas": _identity(
         auxiliaryTenantIDs=None, replicas=None
     ),
@@ -841,7 +852,10 @@ ACCEPTED: dict[str, Obj] = {
 
 REJECTED: dict[str, Obj] = {
     "identity-type-x": _identity(type="x"),
-    "identity-type-quoted-3": _identity(type="3"),
+    "identity-type-quoted-4": _identity(type="4"),
+    "identity-federated-without-tenant": _identity(type=3),
+    "identity-federated-quoted-without-tenant": _identity(type="3"),
+    "identity-federated-without-client": _drop(_identity(type=3, tenantID=SUB), "spec.clientID"),
     "identity-type-quoted-empty": _identity(type=""),
     "identity-type-float": _identity(type=1.5),
     "identity-type-bool": _identity(type=True),
@@ -953,7 +967,7 @@ def _examples(kind: str) -> list[Obj]:
 
 def test_examples_cover_every_identity_type_and_a_legacy_object() -> None:
     types = sorted(int(o["spec"]["type"]) for o in _examples("AzureIdentity"))
-    assert {0, 1, 2} <= set(types)
+    assert {0, 1, 2, 3} <= set(types)
     legacy = [
         o
         for o in EXAMPLE_OBJECTS
@@ -970,7 +984,7 @@ def test_example_identities_read_as_nmi_reads_them() -> None:
     bindings = [objects.AzureIdentityBinding.parse(o) for o in _examples("AzureIdentityBinding")]
     for raw in _examples("AzureIdentity"):
         ident = objects.AzureIdentity.parse(raw)
-        assert ident.type in (0, 1, 2), ident
+        assert ident.type in (0, 1, 2, 3), ident
         assert re.fullmatch(r"[0-9a-f-]{36}", ident.client_id), ident
         assert any(
             b.azure_identity == ident.meta.name and b.meta.namespace == ident.meta.namespace
@@ -984,6 +998,9 @@ def test_example_identities_read_as_nmi_reads_them() -> None:
             )
             continue
         assert ident.tenant_id
+        if ident.type == 3:  # federated: no Secret at all
+            assert ident.secret_ref is None
+            continue
         assert ident.secret_ref is not None
         # nmi reads Secrets from the identity's own namespace unless told otherwise.
         assert ident.secret_ref.namespace == ident.meta.namespace
@@ -1190,6 +1207,7 @@ EXPECTED_PERMISSIONS = {
     ("", "secrets"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "patch"},  # the start-up taint of its own node, nothing else
+    ("", "serviceaccounts/token"): {"create"},  # federated identities: TokenRequest only
     **{(GROUP, plural): {"get", "list", "watch"} for plural in CUSTOM_KINDS.values()},
 }
 
@@ -1236,12 +1254,16 @@ def test_rbac_of_each_entry_point(rendered: list[Obj], rendered_managed: list[Ob
     )
 
 
-def test_rbac_writes_nothing_but_events_and_the_startup_taint() -> None:
+def test_rbac_writes_nothing_but_events_the_startup_taint_and_token_requests() -> None:
     writes = {"create", "update", "patch", "delete", "deletecollection"}
     special = {"escalate", "bind", "impersonate", "use", "approve", "sign", "proxy"}
     granted = _permissions(_one(SOURCES, "ClusterRole", "nmi")["rules"])
     writers = {res for res, verbs in granted.items() if verbs & writes}
-    assert writers == {("", "events"), ("", "nodes")}
+    # serviceaccounts/token "create" is a TokenRequest (federated identities): it mints a
+    # bound token, it writes no object.
+    assert writers == {("", "events"), ("", "nodes"), ("", "serviceaccounts/token")}
+    assert granted[("", "serviceaccounts/token")] == {"create"}
+    assert ("", "serviceaccounts") not in granted
     assert granted[("", "nodes")] == {"get", "patch"}  # never list: one node, by name
     assert not any(verbs & special for verbs in granted.values())
     assert granted[("", "secrets")] == {"get", "list", "watch"}
