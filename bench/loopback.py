@@ -105,6 +105,26 @@ async def main(requests: int, concurrency: int) -> None:
             f"p99: {hits['p99_ms'] / floor['p99_ms']:.2f}x"
         )
 
+        fed = world.add_federated_identity("bench-fed", selector="fed", service_accounts=("fed",))
+        fed_pod = world.add_pod("bench-fed", selector="fed", service_account="fed")
+        world.assign(fed_pod, fed)
+        await world.pod_visible(fed_pod)
+        await world.synced(lambda idx: bool(idx.assignments("default", "bench-fed")))
+        fed_ip = world.pod_ip(fed_pod)
+        warm_fed = await world.get_token(fed_ip, RESOURCE)
+        assert warm_fed.status == 200, warm_fed.body
+        fed_hits = await run_client("127.0.0.1", world.daemon.port, fed_ip, requests)
+        print(f"\n1b. cache hits of a federated identity (type 3), {requests} sequential requests")
+        print(f"   federated:          {fmt(fed_hits)}")
+        print(f"   managed identity:   {fmt(hits)}   (1. above)")
+        print(
+            f"   ratio federated/managed identity p50: "
+            f"{fed_hits['p50_ms'] / hits['p50_ms']:.2f}x, "
+            f"p99: {fed_hits['p99_ms'] / hits['p99_ms']:.2f}x; TokenRequests "
+            f"{world.kube.requests['POST serviceaccounts/token']}, Azure AD exchanges "
+            f"{sum(world.aad.federated_exchanges.values())}"
+        )
+
         print(f"\n2. {concurrency} concurrent cold requests, upstream latency 20 ms")
         world.aad.latency = 0.02
         world.imds.latency = 0.02
@@ -140,6 +160,22 @@ async def main(requests: int, concurrency: int) -> None:
                 f"upstream calls: {counter[(client_id, resource)]}, "
                 f"distinct tokens handed out: {len({r.token for r in replies if r.status == 200})}"
             )
+        fed_requests = world.kube.requests["POST serviceaccounts/token"]
+        fed_exchanges = sum(world.aad.federated_exchanges.values())
+        started = time.perf_counter()
+        replies = await asyncio.gather(
+            *(world.get_token(fed_ip, "https://vault.azure.net") for _ in range(concurrency))
+        )
+        elapsed = time.perf_counter() - started
+        print(
+            f"   federated (TokenRequest + Azure AD): "
+            f"{sum(r.status == 200 for r in replies)}/{concurrency} answered 200 in "
+            f"{elapsed * 1000:.0f} ms, Azure AD calls: "
+            f"{sum(world.aad.federated_exchanges.values()) - fed_exchanges}, TokenRequests: "
+            f"{world.kube.requests['POST serviceaccounts/token'] - fed_requests} (the pod's "
+            f"service-account token is still fresh), distinct tokens handed out: "
+            f"{len({r.token for r in replies if r.status == 200})}"
+        )
         await wake_up(world)
 
 

@@ -15,7 +15,8 @@ Measurements (default: 1-4, about 3.5 minutes on 2 cores):
    connections, once each with ``--log-format json`` to a file and with the
    text log to ``/dev/null`` (the cost of the access log), and with
    ``--per-pod-rate=0`` when this nmi has that flag (a check that the per-pod
-   budget costs cache hits nothing: they do not draw from it).
+   budget costs cache hits nothing: they do not draw from it).  1f: the same
+   for a pod with a federated identity (``spec.type: 3``), to compare hot paths.
 2. **nginx** in the node namespace returning the exact bytes nmi returned,
    with the DNAT pointed at it (``worker_processes`` 1, and 2 for reference):
    the physical limit of this machine.
@@ -434,6 +435,18 @@ http {{
         return proc
 
 
+FEDERATED_SERIES = "nmi, federated identity"
+
+
+def setup_federated_pod(node: NodeWorld, name: str = "bench-fed") -> PodHandle:
+    """A pod with a federated identity (type 3): its service account trusted in Azure AD."""
+    w = node.w
+    ident = w.add_federated_identity(f"{name}-id", selector=name, service_accounts=(name,))
+    pod = node.add_pod(name, selector=name, service_account=name)
+    w.assign(pod.manifest, ident)
+    return pod
+
+
 def setup_bound_pod(node: NodeWorld, name: str = "bench") -> tuple[PodHandle, Identity]:
     w = node.w
     mi = w.add_user_assigned_identity(f"{name}-mi", selector=name)
@@ -461,6 +474,12 @@ async def throughput(args: argparse.Namespace, workdir: Path, results: Results) 
         size0 = log_text.stat().st_size
         await bench.series(results, pod, "nmi (text log -> file)", bench.nmi_stats)
         results.notes.append(access_log_note(log_text, size0, "text, nmi default flags"))
+
+        say("\n1f. nmi cache hits of a federated identity (type 3): the same hot path")
+        fed_pod = setup_federated_pod(node)
+        await bench.token_until_ok(fed_pod)
+        say("  " + HEADER)
+        await bench.series(results, fed_pod, FEDERATED_SERIES, bench.nmi_stats)
 
         if args.profile is not None:
             await profile(bench, pod, args.profile, results)
@@ -931,6 +950,19 @@ def report(args: argparse.Namespace, results: Results, ran_throughput: bool) -> 
                 a, b = results.find(nmi, c), results.find(other, c)
                 cells.append(f"{a.report.rps / b.report.rps:>10.2f}" if a and b else f"{'-':>10}")
             say(f"  {label:<28}" + "".join(cells))
+        cells = []
+        for c in CONNECTIONS:
+            a, f = results.find(nmi, c), results.find(FEDERATED_SERIES, c)
+            cells.append(f"{f.report.rps / a.report.rps:>10.2f}" if a and f else f"{'-':>10}")
+        say(f"  {'federated/managed-id req/s':<28}" + "".join(cells))
+        f16 = results.find(FEDERATED_SERIES, 16)
+        a16 = results.find(nmi, 16)
+        if a16 and f16:
+            say(
+                f"  p99 at 16 connections: federated {f16.report.p99_ms:.2f} ms, managed "
+                f"identity {a16.report.p99_ms:.2f} ms (ratio "
+                f"{f16.report.p99_ms / a16.report.p99_ms:.2f}x)"
+            )
         a16, n16, b16 = results.find(nmi, 16), results.find(nginx, 16), results.find(bare, 16)
         if a16 and n16 and b16:
             say(

@@ -368,6 +368,11 @@ class AzureAdServer:
         self.issuer_fetches: collections.Counter[str] = collections.Counter()
         self._issuers = OidcIssuers(self._ca.cert_pem, self.issuer_fetches)
 
+    @property
+    def issuers(self) -> OidcIssuers:
+        """The external OIDC issuers' cache and fetcher (``socket_factory`` is settable)."""
+        return self._issuers
+
     # ----------------------------------------------------------------- registry
 
     def add_tenant(self, tenant_id: str, *, domains: Iterable[str] = ()) -> None:

@@ -37,9 +37,10 @@ import collections
 import datetime
 import json
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeGuard
 from urllib.parse import urlsplit
@@ -185,6 +186,9 @@ class OidcIssuers:
     timeout: float = 5.0
     #: Minimum seconds between two unknown-``kid`` JWKS refetches of one issuer.
     refetch_interval: float = 10.0
+    #: Makes the sockets of the fetches (``aiohttp``'s ``socket_factory``): a world whose
+    #: issuer listens in another network namespace creates them there.
+    socket_factory: Callable[[Any], socket.socket] | None = None
 
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _jwks_uris: dict[str, str] = field(default_factory=dict, init=False, repr=False)
@@ -277,7 +281,7 @@ class OidcIssuers:
         if self._session is None:
             context = ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context),
+                connector=aiohttp.TCPConnector(ssl=context, socket_factory=self.socket_factory),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             )
         try:

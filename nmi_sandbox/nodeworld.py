@@ -101,6 +101,14 @@ class NodeWorld:
         with self.net.entered():
             self.world = LoopbackWorld(imds_host=METADATA_IP, imds_port=80)
             await self.world.start()
+        # Azure AD fetches the service-account issuer's documents from the API server,
+        # which listens in the node's namespace: its sockets are made there.
+        self.world.aad.issuers.socket_factory = self._node_socket
+
+    def _node_socket(self, addr_info: Any) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        with self.net.entered():
+            return socket.socket(family, kind, proto)
 
     async def _kube_proxy_rules(self) -> None:
         proc = await self.net.spawn(
@@ -305,10 +313,16 @@ class NodeWorld:
         namespace: str = "default",
         selector: str | None = None,
         labels: dict[str, str] | None = None,
+        service_account: str = "",
     ) -> PodHandle:
         net_pod = self.net.add_pod(name)
         manifest = self.w.add_pod(
-            name, namespace=namespace, selector=selector, labels=labels, ip=net_pod.ip
+            name,
+            namespace=namespace,
+            selector=selector,
+            labels=labels,
+            ip=net_pod.ip,
+            service_account=service_account,
         )
         handle = PodHandle(net=net_pod, manifest=manifest)
         self.pods[name] = handle

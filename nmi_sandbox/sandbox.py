@@ -58,9 +58,56 @@ def _claims(token: str) -> dict[str, Any]:
 def _verdict(ok: bool) -> None:
     print(
         "\nOK: the controller assigned the identity and put it on the scale set, the bound pod "
-        "got its own token, the unbound pod was refused, and deleting the pod took both away."
+        "got its own token, the unbound pod was refused, and deleting the pod took both away; "
+        "the federated pod got its token with no Secret and no identity on the VM."
         if ok
         else "\nFAILED: the demonstration did not behave as expected."
+    )
+
+
+FEDERATED_SA = "reports"
+
+
+def _federated_identity(world: LoopbackWorld) -> Identity:
+    """The federated act's objects: in Azure AD, a managed identity (on no VM) whose
+    federated credential trusts the cluster's issuer for one service account; in the
+    cluster, the identity (type 3), its binding and (by the caller) the pod."""
+    identity = world.add_federated_identity(
+        "reports-federated",
+        selector="reports",
+        service_accounts=(FEDERATED_SA,),
+        managed_identity=True,
+    )
+    print(
+        "\nthe user creates: a user-assigned managed identity in Azure AD (on no VM) with a "
+        f"federated credential:\n     issuer {world.kube.issuer} (the cluster's "
+        f"service-account issuer)\n     subject system:serviceaccount:default:{FEDERATED_SA}, "
+        "audience api://AzureADTokenExchange\n"
+        "                  AzureIdentity default/reports-federated (type 3, client id "
+        f"{redact_id(identity.client_id)}, no Secret), its binding (selector reports),\n"
+        f"                  pod default/reports (serviceAccountName {FEDERATED_SA}, label "
+        "aadpodidbinding=reports), application code unchanged"
+    )
+    return identity
+
+
+def _federated_outcome(world: LoopbackWorld, identity: Identity, reply: Reply) -> bool:
+    secret_reads = sum(n for k, n in world.kube.requests.items() if k.endswith(" secrets"))
+    subjects = [s for c, s, _ in world.aad.federated_issued if c == identity.client_id]
+    on_vm = [i for i in world.arm.identities_on(world.vmss_id)]
+    print(
+        "   nmi asked the API server for the pod's own service-account token (TokenRequests: "
+        f"{world.kube.requests['POST serviceaccounts/token']}) and Azure AD exchanged it "
+        f"(subject {subjects[0] if subjects else '-'});\n   Secrets read: {secret_reads}, "
+        f"identities on the node's scale set: {len(on_vm)}, node IMDS calls for it: "
+        f"{sum(n for (c, _), n in world.imds.token_requests.items() if c == identity.client_id)}"
+    )
+    return (
+        reply.status == 200
+        and _claims(reply.token).get("appid") == identity.client_id
+        and subjects == [f"system:serviceaccount:default:{FEDERATED_SA}"]
+        and secret_reads == 0
+        and not on_vm
     )
 
 
@@ -149,8 +196,14 @@ async def demo(*, once: bool, port: int) -> int:
             "(the second request was a cache hit)"
         )
         cleaned = await _removal(world, narrator, "demo-app")
+        federated = _federated_identity(world)
+        reports = world.add_pod("reports", selector="reports", service_account=FEDERATED_SA)
+        fed_reply = await world.get_token(world.pod_ip(reports), RESOURCE)
+        _show("pod default/reports asks for a token (the same IMDS call)", fed_reply)
+        federated_ok = _federated_outcome(world, federated, fed_reply)
         ok = (
-            granted.status == 200
+            federated_ok
+            and granted.status == 200
             and _claims(granted.token).get("appid") == identity.client_id
             and refused.status == 400
             and refused.body.get("error_description") == "Identity not found"
@@ -241,9 +294,15 @@ async def node_demo(*, once: bool) -> int:
         _show("curl in pod default/demo-app -> http://169.254.169.254/...", _reply(granted))
         _show("curl in pod default/no-identity -> http://169.254.169.254/...", _reply(refused))
         cleaned = await _removal(w, narrator, "demo-app")
+        federated = _federated_identity(w)
+        reports = node.add_pod("reports", selector="reports", service_account=FEDERATED_SA)
+        fed_reply = _reply(await node.token(reports, RESOURCE, timeout=30))
+        _show("curl in pod default/reports -> http://169.254.169.254/... (unchanged)", fed_reply)
+        federated_ok = _federated_outcome(w, federated, fed_reply)
         token = str(granted.body.get("access_token", ""))
         ok = (
-            granted.status == 200
+            federated_ok
+            and granted.status == 200
             and _claims(token).get("appid") == identity.client_id
             and refused.status == 400
             and refused.body.get("error_description") == "Identity not found"
@@ -262,6 +321,10 @@ async def node_demo(*, once: bool) -> int:
             f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
             f"  ip netns exec {unbound.ns} curl -s -H Metadata:true "
             f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'\n"
+            f"  ip netns exec {reports.ns} curl -s -H Metadata:true "
+            f"'http://169.254.169.254/metadata/identity/oauth2/token?{query}'   (federated)\n"
+            f"  ip netns exec {node.net.node} {sys.executable} -m nmi explain default/reports "
+            f"--kubeconfig {w.kubeconfig} --admin-socket {w.workdir / 'admin.sock'}\n"
             f"  ip netns exec {node.net.node} iptables -t nat -S NMI-METADATA   (nmi's rules)\n"
             f"  ip netns exec {node.net.node} {sys.executable} -m nmi explain default/no-identity "
             f"--kubeconfig {w.kubeconfig} --admin-socket {w.workdir / 'admin.sock'}\n"

@@ -22,6 +22,7 @@ from typing import Any
 import jwt
 import pytest
 
+from nmi.config import OperationMode
 from nmi.explain.model import daemon_explanation
 from nmi.explain.render import render_text
 from nmi.identity.decide import IdentitySelector
@@ -216,6 +217,44 @@ async def test_a_managed_identity_federated_is_on_no_vm(running: LoopbackWorld) 
     assert sum(w.imds.token_requests.values()) == 0  # never the node's IMDS
 
 
+async def test_managed_mode_selection_and_namespaced_rules_as_for_every_kind(
+    world: LoopbackWorld,
+) -> None:
+    w = world
+    await w.start_daemon(operation_mode=OperationMode.MANAGED)
+    msi = w.add_user_assigned_identity("msi", selector="app")
+    fed = w.add_federated_identity("fed", selector="app", service_accounts=("web",))
+    pod = w.add_pod("web-1", selector="app", service_account="web")
+    await visible(w, pod)
+    await until(
+        lambda: w.daemon is not None and len(w.daemon.index.bindings_with_selector("app")) == 2,
+        what="both bindings seen",
+    )
+    several = await w.get_token(w.pod_ip(pod), VAULT)
+    assert several.status == 400 and "Multiple" in several.body["error_description"]
+    chosen = await w.get_token(w.pod_ip(pod), VAULT, client_id=fed.client_id.upper())
+    assert chosen.status == 200, chosen.body
+    assert chosen.body["client_id"] == fed.client_id
+    assert subject_of_token(w, chosen.body["access_token"]) == "system:serviceaccount:default:web"
+    other = await w.get_token(w.pod_ip(pod), VAULT, client_id=msi.client_id)
+    assert other.status == 200 and other.body["client_id"] == msi.client_id
+    # A pod of another namespace bound to it: managed mode's namespaced rules refuse it.
+    w.ensure_namespace("other")
+    w.kube.create(
+        {
+            "apiVersion": GV,
+            "kind": "AzureIdentityBinding",
+            "metadata": {"name": "cross", "namespace": "default"},
+            "spec": {"azureIdentity": "fed", "selector": "cross"},
+        }
+    )
+    stranger = w.add_pod("s", namespace="other", selector="cross", service_account="web")
+    await visible(w, stranger)
+    refused = await w.get_token(w.pod_ip(stranger), VAULT)
+    assert refused.status in (400, 404), refused.body
+    assert not any(s.endswith(":other:web") for _, s, _ in w.aad.federated_issued)
+
+
 # ------------------------------------------------------------------ errors users can act on
 
 
@@ -287,6 +326,29 @@ async def test_explain_prints_the_federated_credential_to_create(running: Loopba
     text = await explain_text(w, pod)
     assert "AADSTS70021" in text  # the last upstream error
     assert "service-account token held" in text
+
+
+async def test_the_explain_command_reads_the_issuer_from_the_api_server(
+    running: LoopbackWorld,
+) -> None:
+    """`nmi explain` from a workstation (no admin socket): the issuer comes from the API
+    server's discovery document, the subject from the pod's service account."""
+    from nmi.explain.command import run as explain
+
+    w = running
+    ident = w.add_federated_identity("fed", selector="app", service_accounts=())
+    pod = w.add_pod("web-1", selector="app", service_account="web")
+    w.assign(pod, ident)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["default/web-1", "--kubeconfig", str(w.kubeconfig)]
+    argv += ["--admin-socket", str(w.workdir / "no-such.sock")]
+    code = await explain(argv, out=out, err=err, environ={})
+    text = out.getvalue()
+    assert code == 0, err.getvalue()
+    assert f"issuer:   {w.kube.issuer}" in text
+    assert "subject:  system:serviceaccount:default:web" in text
+    assert "audience: api://AzureADTokenExchange" in text
+    assert "federated (the pod's service-account token)" in text
 
 
 async def test_missing_service_account_is_a_clear_refusal(running: LoopbackWorld) -> None:
@@ -468,4 +530,3 @@ async def test_the_audience_flag(world: LoopbackWorld, flag: str) -> None:
     assert reply.status == 200, reply.body
     assert w.kube.issued_tokens[-1]["aud"] == [flag]
     assert json.dumps(reply.body)  # a plain IMDS body
-    assert io  # (imported for parity with other explain tests)
