@@ -159,6 +159,8 @@ class Pod:
     ended: bool = False  # every container has terminated (the sandbox, and its IP, may be gone)
     ready: bool = False  # condition Ready is True
     service_account: str = "default"  # spec.serviceAccountName
+    # "namespace/serviceAccountName", computed once: a federated token's cache key uses it.
+    service_account_key: str = field(init=False, compare=False, default="")
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Pod:
@@ -193,6 +195,10 @@ class Pod:
                 _str(spec.get("serviceAccountName") or spec.get("serviceAccount")) or "default"
             ),
         )
+
+    def __post_init__(self) -> None:
+        key = sys.intern(f"{self.meta.namespace}/{self.service_account}")
+        object.__setattr__(self, "service_account_key", key)
 
     @property
     def can_call(self) -> bool:

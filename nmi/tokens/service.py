@@ -330,7 +330,7 @@ def _federated_key(identity: AzureIdentity, resource: str, pod: Pod) -> CacheKey
         identity.meta.uid_or_key,
         identity.fingerprint,
         resource,
-        f"{pod.meta.namespace}/{pod.service_account}",
+        pod.service_account_key,
     )
 
 

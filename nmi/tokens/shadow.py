@@ -111,7 +111,7 @@ class ShadowTrials:
 
     def consider(self, identity: AzureIdentity, pod: Pod, resource: str, token: Token) -> None:
         """Note that ``pod`` was served ``identity``: a trial is queued when one is due."""
-        key = (identity.meta.uid_or_key, f"{pod.meta.namespace}/{pod.service_account}")
+        key = (identity.meta.uid_or_key, pod.service_account_key)
         now = self._clock()
         if now < self._due.get(key, 0.0):
             return
@@ -215,6 +215,4 @@ class ShadowTrials:
         return result
 
     def result_for(self, identity: AzureIdentity, pod: Pod) -> TrialResult | None:
-        return self.results.get(
-            (identity.meta.uid_or_key, f"{pod.meta.namespace}/{pod.service_account}")
-        )
+        return self.results.get((identity.meta.uid_or_key, pod.service_account_key))
