@@ -88,6 +88,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from nmi_sandbox.federation import (
     CERTIFICATE_CREDENTIALS_DOCS,
     MAX_FEDERATED_CREDENTIALS,
+    SIGNATURE_ONLY,
     TOKEN_EXCHANGE_AUDIENCE,
     FederatedCredential,
     FederationError,
@@ -1193,16 +1194,7 @@ class AzureAdServer:
                 assertion,
                 certificate.public_key,
                 algorithms=[str(algorithm)],
-                options={
-                    "verify_signature": True,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": False,
-                    "verify_iss": False,
-                    "verify_sub": False,
-                    "verify_jti": False,
-                },
+                options=SIGNATURE_ONLY,
             )
         except jwt.InvalidSignatureError:
             raise _AadError(

@@ -47,10 +47,25 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
+from jwt.types import Options
+
+#: PyJWT options that check the signature only: the time range, audience and issuer are
+#: checked afterwards, one by one, for Entra ID's own error for each.
+SIGNATURE_ONLY: Final[Options] = {
+    "verify_signature": True,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_sub": False,
+    "verify_jti": False,
+}
 
 __all__ = [
     "CERTIFICATE_CREDENTIALS_DOCS",
     "MAX_FEDERATED_CREDENTIALS",
+    "SIGNATURE_ONLY",
     "TOKEN_EXCHANGE_AUDIENCE",
     "FederatedCredential",
     "FederationError",
@@ -348,16 +363,7 @@ async def verify_federated_assertion(
             assertion,
             key.key,
             algorithms=["RS256"],
-            options={
-                "verify_signature": True,
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-                "verify_sub": False,
-                "verify_jti": False,
-            },
+            options=SIGNATURE_ONLY,
         )
     except (jwt.PyJWTError, TypeError, ValueError):  # TypeError: the JWK is not an RSA key
         raise _signature_failure(
