@@ -508,6 +508,49 @@ async def test_shadow_trial_not_ready_then_ready_then_switched(world: LoopbackWo
     assert sum(w.imds.token_requests.values()) == imds_before
 
 
+async def test_shadow_of_a_service_principal_tries_the_named_federated_application(
+    running: LoopbackWorld,
+) -> None:
+    """``federation-client-id``: the secret-based identity is served from its Secret while the
+    trial exchanges the pod's token for another application, which trusts it."""
+    w = running
+    sp = w.add_service_principal("sp", selector="app")
+    target = w.add_federated_identity("target", bind=False, service_accounts=("web",))
+    w.kube.patch(
+        GV,
+        "AzureIdentity",
+        "sp",
+        "default",
+        {
+            "metadata": {
+                "annotations": {
+                    "aadpodidentity.k8s.io/federation": "shadow",
+                    "aadpodidentity.k8s.io/federation-client-id": target.client_id,
+                }
+            }
+        },
+    )
+    pod = w.add_pod("web-1", selector="app", service_account="web")
+    w.assign(pod, sp)
+    await visible(w, pod)
+    daemon = w.daemon
+    assert daemon is not None and daemon.federation is not None
+    await until(
+        lambda: (i := daemon.index.identity("default", "sp")) is not None and i.shadow,
+        what="the annotations seen",
+    )
+    reply = await w.get_token(w.pod_ip(pod), VAULT)
+    assert reply.status == 200 and reply.body["client_id"] == sp.client_id
+    assert claims(reply.body["access_token"])["appidacr"] == "1"  # from the Secret
+    shadow = daemon.federation.shadow
+    assert shadow is not None
+    await until(lambda: shadow.results, what="a trial result")
+    result = next(iter(shadow.results.values()))
+    assert result.ready, result
+    assert [c for c, s, _ in w.aad.federated_issued] == [target.client_id]
+    await until(lambda: events_of(w, pod, FEDERATION_READY), what="FederationReady")
+
+
 def _scrape(daemon: Any) -> str:
     from prometheus_client import generate_latest
 

@@ -58,12 +58,14 @@ class FakeTokenApi:
         self.status = status
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.gate: asyncio.Event | None = None
+        self.arrived = asyncio.Event()  # set when a TokenRequest reaches the "API server"
         self.now = time.time
 
     async def post(
         self, path: str, body: dict[str, Any], *, timeout: aiohttp.ClientTimeout
     ) -> _Response:
         self.requests.append((path, body))
+        self.arrived.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.status != 201:
@@ -195,7 +197,7 @@ async def test_concurrent_callers_share_one_token_request() -> None:
     cache = AssertionCache(api=api)
     pod = _pod()
     calls = [asyncio.ensure_future(cache.get(pod, "aud")) for _ in range(50)]
-    await asyncio.sleep(0)
+    await api.arrived.wait()  # the one TokenRequest is held at the API server
     api.gate.set()
     tokens = await asyncio.gather(*calls)
     assert len(api.requests) == 1
