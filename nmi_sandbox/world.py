@@ -344,14 +344,19 @@ class LoopbackWorld:
         managed_identity: bool = False,
         audience: str = "",
         bind: bool = True,
+        in_azure_ad: bool = True,
         **extra: Any,
     ) -> Identity:
         """A federated identity (type 3): an application (or, ``managed_identity``, a
         user-assigned managed identity known only to Azure AD, on no VM) trusting the
         cluster's service-account issuer for each of ``service_accounts`` of ``namespace``
-        (none: Azure AD will refuse), its AzureIdentity and (``bind``) a binding."""
+        (none: Azure AD will refuse), its AzureIdentity and (``bind``) a binding.
+        ``in_azure_ad=False``: the AzureIdentity names a client id Azure AD does not know."""
         client_id = str(uuid.uuid4())
-        if managed_identity:
+        object_id = ""
+        if not in_azure_ad:
+            service_accounts = ()
+        elif managed_identity:
             object_id = self.aad.add_managed_identity(tenant_id=TENANT, client_id=client_id)
         else:
             object_id = self.aad.add_app(tenant_id=TENANT, client_id=client_id)

@@ -15,7 +15,6 @@ claims are kept beside it, to tell operators what Azure AD was shown.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from ..jwt_claims import unverified_claims
 from .objects import Pod
 
 EXPIRATION_SECONDS = 600  # the shortest expiry the API server allows
@@ -88,31 +88,36 @@ async def service_account_issuer(api: DiscoveryApi) -> str:
     account by default); "" when it cannot be read."""
     try:
         response = await api.get("/.well-known/openid-configuration", [], timeout=TIMEOUT)
-        try:
-            raw = await response.content.read(MAX_BODY)
-            status = response.status
-        finally:
-            response.release()
-        document = json.loads(raw) if status == 200 else {}
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        status, document = await _json_answer(response)
+    except (aiohttp.ClientError, TimeoutError, OSError):
         return ""
-    issuer = document.get("issuer") if isinstance(document, dict) else None
+    issuer = document.get("issuer") if status == 200 else None
     return issuer if isinstance(issuer, str) else ""
+
+
+async def _json_answer(response: aiohttp.ClientResponse) -> tuple[int, dict[str, Any]]:
+    """The status and JSON object of an answer read to its end (at most :data:`MAX_BODY`
+    bytes; a larger, non-JSON or non-object body reads as {}), the response released."""
+    body = bytearray()
+    try:
+        while len(body) <= MAX_BODY:
+            chunk = await response.content.read(MAX_BODY + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        status = response.status
+    finally:
+        response.release()
+    try:
+        document = json.loads(body) if len(body) <= MAX_BODY else {}
+    except ValueError:
+        document = {}
+    return status, document if isinstance(document, dict) else {}
 
 
 def subject_of(pod: Pod) -> str:
     """The subject Azure AD sees for this pod's service account."""
     return f"system:serviceaccount:{pod.meta.namespace}:{pod.service_account}"
-
-
-def _claims(token: str) -> dict[str, Any]:
-    try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (IndexError, ValueError):
-        return {}
-    return claims if isinstance(claims, dict) else {}
 
 
 def _expiry(value: Any, fallback: float) -> float:
@@ -147,11 +152,7 @@ async def request_token(
     asked = time.time()
     try:
         response = await api.post(path, body, timeout=TIMEOUT)
-        try:
-            raw = await response.content.read(MAX_BODY)
-            status = response.status
-        finally:
-            response.release()
+        status, document = await _json_answer(response)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TokenRequestError(
             f"the API server could not be asked for a token of service account "
@@ -160,12 +161,6 @@ async def request_token(
             reason="Unreachable",
             retryable=True,
         ) from None
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        document = {}
-    if not isinstance(document, dict):
-        document = {}
     if status not in (200, 201):
         raise _refusal(status, document, namespace, name, pod)
     result = document.get("status") or {}
@@ -177,7 +172,7 @@ async def request_token(
             reason="InvalidResponse",
             retryable=True,
         )
-    claims = _claims(token)
+    claims = unverified_claims(token)
     expires = _expiry(result.get("expirationTimestamp"), asked + expiration_seconds)
     if isinstance(claims.get("exp"), int | float):
         expires = min(expires, float(claims["exp"]))

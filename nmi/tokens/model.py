@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from dataclasses import dataclass, field
+
+from ..jwt_claims import unverified_claims
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +29,7 @@ class Token:
 
     def claim(self, name: str) -> str | None:
         """One claim of the (unverified) JWT payload; the token came from a trusted source."""
-        try:
-            payload = self.access_token.split(".")[1]
-            payload += "=" * (-len(payload) % 4)
-            value = json.loads(base64.urlsafe_b64decode(payload)).get(name)
-        except (IndexError, ValueError, AttributeError):
-            return None
+        value = unverified_claims(self.access_token).get(name)
         return str(value) if value is not None else None
 
 

@@ -107,6 +107,11 @@ class ShadowTrials:
         self.trials = 0
         self.dropped = 0
 
+    @property
+    def pending(self) -> int:
+        """Trials noted and not started yet (at most ``max_pending``)."""
+        return self._queue.qsize()
+
     # -- the request path: synchronous, never waits ---------------------------------
 
     def consider(self, identity: AzureIdentity, pod: Pod, resource: str, token: Token) -> None:
@@ -168,14 +173,10 @@ class ShadowTrials:
             code, detail = f"TokenRequest {exc.status or exc.reason}", str(exc)
         except CredentialError as exc:
             code, detail = "configuration", str(exc)
-        if not issuer:
-            assertion_seen = (
-                self.tokens.assertions.peek(pod.meta.uid_or_key, audience)
-                if (self.tokens.assertions is not None)
-                else None
-            )
-            if assertion_seen is not None:
-                issuer = assertion_seen.issuer
+        held = self.tokens.assertions
+        if not issuer and held is not None:  # refused by Azure AD: the token it was shown
+            seen = held.peek(pod.meta.uid_or_key, audience)
+            issuer = seen.issuer if seen is not None else held.issuer
         result = TrialResult(
             identity=identity.meta.key,
             service_account=f"{pod.meta.namespace}/{pod.service_account}",

@@ -34,11 +34,15 @@ def _jwt(claims: dict[str, Any]) -> str:
 
 
 class _Content:
+    """A stream that hands out its body in small chunks, as a socket may."""
+
     def __init__(self, body: bytes) -> None:
         self._body = body
 
     async def read(self, n: int = -1) -> bytes:
-        return self._body if n < 0 else self._body[:n]
+        size = 100 if n < 0 else min(n, 100)
+        chunk, self._body = self._body[:size], self._body[size:]
+        return chunk
 
 
 class _Response:
@@ -357,3 +361,72 @@ def test_token_request_refusals_map_to_design_time_or_transient() -> None:
         exc = TokenRequestError("x", status=status, reason="r", retryable=retryable)
         mapped = failures.from_exception(exc, Grant(_federated()), "r")
         assert mapped is not None and mapped.reply.status == 503, status
+
+
+# -- the shadow queue and the node's pods -----------------------------------------------------
+
+
+def _shadow_identity() -> AzureIdentity:
+    return AzureIdentity.parse(
+        {
+            "metadata": {
+                "name": "msi",
+                "namespace": "default",
+                "uid": "msi-uid",
+                "annotations": {"aadpodidentity.k8s.io/federation": "shadow"},
+            },
+            "spec": {"type": 0, "clientID": "c0", "resourceID": "/x"},
+        }
+    )
+
+
+async def test_shadow_trials_are_noted_once_per_interval_and_the_queue_is_bounded() -> None:
+    from nmi.tokens.shadow import ShadowTrials
+
+    clock = [0.0]
+    service = _service(TokenCache())
+    shadow = ShadowTrials(
+        settings=Settings(node_name="n1", federation_shadow_interval=60.0),
+        tokens=service,
+        clock=lambda: clock[0],
+        max_pending=3,
+    )
+    ident = _shadow_identity()
+    token = Token(access_token="x", expires_on=0, not_before=0, client_id="c0")
+    for _ in range(100):  # one service account asking in a loop: one trial noted
+        shadow.consider(ident, _pod("a", sa="one"), "r", token)
+    assert shadow.pending == 1
+    for i in range(10):  # ten service accounts: the queue holds 3, the rest are dropped
+        shadow.consider(ident, _pod(f"p{i}", sa=f"sa{i}"), "r", token)
+    assert shadow.pending == 3 and shadow.dropped == 8
+    clock[0] += 61  # the next interval: the first one may be noted again (room permitting)
+    shadow.consider(ident, _pod("a", sa="one"), "r", token)
+    assert shadow.dropped == 9
+    service.upstream.close()
+
+
+async def test_another_pod_presents_and_the_last_pod_takes_the_tokens() -> None:
+    from nmi.kube.index import ClusterIndex
+    from nmi.tokens.federation import Federation
+
+    index = ClusterIndex(node_name="n1")
+    cache = TokenCache()
+    federation = Federation(index=index, cache=cache, api=FakeTokenApi())  # type: ignore[arg-type]
+    index.pod_gone.append(federation.pod_gone)
+    a, b, other = _pod("a", sa="one"), _pod("b", sa="one"), _pod("c", sa="two")
+    for pod in (a, b, other):
+        index.on_pod("ADDED", None, pod)
+    key = CacheKey("id", "fp", "r", "default/one")
+    token = Token(access_token="t", expires_on=int(time.time()) + 3600, not_before=0, client_id="")
+
+    async def fetch(_: Any) -> Token:
+        return token
+
+    await cache.get(key, fetch)
+    assert federation.presenter("default", "one", a) is a
+    index.on_pod("DELETED", a, None)
+    assert federation.presenter("default", "one", a) is b  # a is gone: b presents
+    assert federation.in_use(key) and cache.peek(key) is token
+    index.on_pod("DELETED", b, None)  # the service account's last pod on the node
+    assert federation.presenter("default", "one", b) is None
+    assert not federation.in_use(key) and cache.peek(key) is None

@@ -19,7 +19,15 @@ PACKAGES = ("nmi", "iptables")
 # Lowest first.  A module may import modules of its own layer or of a lower one.
 LAYERS: list[tuple[str, ...]] = [
     ("iptables",),
-    ("nmi", "nmi.config", "nmi.flags", "nmi.loop", "nmi.ratelimit", "nmi.ops.logs"),
+    (
+        "nmi",
+        "nmi.config",
+        "nmi.flags",
+        "nmi.loop",
+        "nmi.ratelimit",
+        "nmi.ops.logs",
+        "nmi.jwt_claims",
+    ),
     ("nmi.kube",),
     ("nmi.ops",),
     ("nmi.identity",),
